@@ -1,0 +1,5 @@
+import sys
+
+from flowopd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,44 @@
+"""`flowopd ...` and `python -m flowopd ...`: one subcommand per job.
+
+Heavy imports (torch, diffusers) stay inside the subcommands that need them."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from flowopd.spec_cli import add_spec_parser
+
+
+def pipeline_command(args) -> int:
+    from flowopd import pipeline
+    from flowopd.spec import SpecError
+
+    try:
+        if args.action == "write":
+            changed = pipeline.write()
+            print("dvc.yaml " + ("updated" if changed else "already up to date"))
+            return 0
+        if pipeline.stale():
+            print("dvc.yaml is stale: specs/ changed since it was written; run `flowopd pipeline write`")
+            return 1
+        print("dvc.yaml is up to date with specs/")
+        return 0
+    except SpecError as error:
+        print(error, file=sys.stderr)
+        return 1
+
+
+def add_pipeline_parser(subparsers) -> None:
+    parser = subparsers.add_parser("pipeline", help="generate or check dvc.yaml from the spec files")
+    parser.add_argument("action", choices=["write", "check"])
+    parser.set_defaults(func=pipeline_command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="flowopd", description=__doc__)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    add_spec_parser(subparsers)
+    add_pipeline_parser(subparsers)
+    args = parser.parse_args(argv)
+    return args.func(args)

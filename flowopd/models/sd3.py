@@ -1,0 +1,204 @@
+"""The SD3 bundle: StableDiffusion3Pipeline components (SD3.5 Medium at scale) behind the Bundle protocol.
+
+Latents live in the VAE's normalised space, as in diffusers' SD3 pipeline: x = (z - shift) * scaling, so
+decode computes z = x / scaling + shift before vae.decode. Prompts go through the pipeline's own encode_prompt
+(CLIP-L + CLIP-G + T5). LoRA adapters come from peft; several adapters (teachers, anchor, student) live on one
+frozen base transformer and the active one is switched per routed group (`set_adapter`).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+from flowopd.models.base import Condition, transformer_velocity
+
+# Flow-GRPO's LoRA targets for SD3: the joint attention's image and text projections.
+SD3_LORA_TARGETS = (
+    "attn.add_k_proj",
+    "attn.add_q_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "attn.to_k",
+    "attn.to_out.0",
+    "attn.to_q",
+    "attn.to_v",
+)
+
+
+class SD3Bundle:
+    """Bundle protocol (models.base) over StableDiffusion3Pipeline components; encoders, VAE frozen"""
+
+    def __init__(self, pipe: StableDiffusion3Pipeline, resolution: int = 512, max_sequence_length: int = 256):
+        self.pipe = pipe
+        self.transformer = pipe.transformer
+        self.vae = pipe.vae
+        self.max_sequence_length = max_sequence_length
+        for module in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3, pipe.vae):
+            if module is not None:
+                module.requires_grad_(False).eval()
+        self.resolution = resolution
+        self._null: Condition | None = None
+
+    @property
+    def resolution(self) -> int:
+        return self._resolution
+
+    @resolution.setter
+    def resolution(self, pixels: int):
+        factor = self.pipe.vae_scale_factor * self.transformer.config.patch_size
+        if pixels % factor:
+            raise ValueError(f"resolution {pixels} must be a multiple of {factor} (VAE factor x patch size)")
+        self._resolution = pixels
+        side = pixels // self.pipe.vae_scale_factor
+        self.latent_shape = (self.transformer.config.in_channels, side, side)
+
+    @classmethod
+    def from_pretrained(
+        cls, path_or_id: str, revision: str | None = None, dtype: torch.dtype = torch.float32, **kwargs
+    ) -> SD3Bundle:
+        """Components from a local folder or hub id (e.g. stabilityai/stable-diffusion-3.5-medium)."""
+        pipe = StableDiffusion3Pipeline.from_pretrained(path_or_id, revision=revision, torch_dtype=dtype)
+        return cls(pipe, **kwargs)
+
+    @classmethod
+    def from_components(
+        cls,
+        transformer,
+        vae,
+        text_encoder,
+        tokenizer,
+        text_encoder_2,
+        tokenizer_2,
+        text_encoder_3,
+        tokenizer_3,
+        **kwargs,
+    ) -> SD3Bundle:
+        pipe = StableDiffusion3Pipeline(
+            transformer=transformer,
+            scheduler=FlowMatchEulerDiscreteScheduler(),
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=tokenizer_2,
+            text_encoder_3=text_encoder_3,
+            tokenizer_3=tokenizer_3,
+        )
+        return cls(pipe, **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
+
+    def to(self, device) -> SD3Bundle:
+        self.pipe.to(device)
+        self._null = None
+        return self
+
+    # -- Bundle protocol -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, texts: list[str]) -> Condition:
+        """(B, 77 + max_sequence_length, D) token embeddings and (B, P) pooled CLIP embeddings; no grad."""
+        prompt_embeds, _, pooled, _ = self.pipe.encode_prompt(
+            prompt=list(texts),
+            prompt_2=None,
+            prompt_3=None,
+            device=self.device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=self.max_sequence_length,
+        )
+        return Condition(prompt_embeds=prompt_embeds, pooled=pooled)
+
+    def null_condition(self, n: int) -> Condition:
+        """The empty prompt, encoded once: SD3's unconditional branch for CFG."""
+        if self._null is None:
+            self._null = self.encode([""])
+        return self._null.repeat_interleave(n)
+
+    def velocity(self, x, sigma, cond: Condition, cfg: float = 1.0, transformer=None) -> torch.Tensor:
+        """v = v_u + cfg (v_c - v_u), one batched forward of 2B, in the transformer's dtype; returns fp32."""
+        transformer = transformer if transformer is not None else self.transformer
+        dtype = transformer.dtype
+        null = self.null_condition(x.shape[0]).to(dtype=dtype) if cfg != 1.0 else None
+        v = transformer_velocity(transformer, x.to(dtype), sigma, cond.to(dtype=dtype), null, cfg)
+        return v.float()
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor) -> np.ndarray:
+        """Latents -> uint8 images (B, H, W, 3), as the pipeline's postprocess does."""
+        config = self.vae.config
+        latents = x.float() / config.scaling_factor + (config.shift_factor or 0.0)
+        images = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
+        images = ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+        return images.permute(0, 2, 3, 1).cpu().numpy()
+
+    # -- LoRA adapters on one frozen base --------------------------------------------------------------------
+    @property
+    def adapters(self) -> list[str]:
+        return list(getattr(self.transformer, "peft_config", {}))
+
+    def _keep_requires_grad(self, switch) -> None:
+        """peft marks only the active adapter trainable on every switch; keep each adapter's own setting."""
+        before = {name: p.requires_grad for name, p in self.transformer.named_parameters() if "lora_" in name}
+        switch()
+        for name, p in self.transformer.named_parameters():
+            if name in before:
+                p.requires_grad_(before[name])
+
+    def add_lora(
+        self,
+        name: str,
+        rank: int = 32,
+        alpha: float = 64,
+        target_modules=SD3_LORA_TARGETS,
+        dropout: float = 0.0,
+        trainable: bool = True,
+    ) -> None:
+        """A new active adapter, equal to the base at first (B = 0, A gaussian as in Flow-GRPO).
+
+        peft freezes the base; the adapter's parameters are trainable unless trainable=False.
+        """
+        if name in self.adapters:
+            raise ValueError(f"adapter {name!r} already exists")
+        config = LoraConfig(
+            r=rank,
+            lora_alpha=alpha,
+            target_modules=list(target_modules),
+            lora_dropout=dropout,
+            init_lora_weights="gaussian",
+        )
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            self._keep_requires_grad(lambda: self.transformer.add_adapter(config, adapter_name=name))
+        for param_name, p in self.transformer.named_parameters():
+            if f".{name}." in param_name and "lora_" in param_name:
+                p.requires_grad_(trainable)
+
+    def set_adapter(self, name: str | None) -> None:
+        """Make `name` the active adapter; None runs the bare base model (e.g. the KL reference)."""
+        if name is None:
+            self._keep_requires_grad(self.transformer.disable_adapters)
+            return
+        if name not in self.adapters:
+            raise KeyError(f"no adapter {name!r}; have {self.adapters}")
+        self._keep_requires_grad(
+            lambda: (self.transformer.enable_adapters(), self.transformer.set_adapter(name))
+        )
+
+    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        return get_peft_model_state_dict(self.transformer, adapter_name=name)
+
+    def load_adapter_state_dict(self, name: str, state: dict[str, torch.Tensor]) -> None:
+        """Load weights saved by adapter_state_dict into the existing adapter `name`; every key must match."""
+        result = set_peft_model_state_dict(self.transformer, state, adapter_name=name)
+        missing = [k for k in result.missing_keys if "lora_" in k and f".{name}." in k]
+        if result.unexpected_keys or missing:
+            raise ValueError(
+                f"adapter {name!r}: unexpected {result.unexpected_keys[:3]}, missing {missing[:3]}"
+            )

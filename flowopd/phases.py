@@ -1,0 +1,136 @@
+"""The phases a stage runs: each reads the resolved spec, writes one artifact folder atomically with provenance.
+
+A phase depends only on its own sections of the spec (PHASE_SECTIONS), which is what keys its DVC stage: two specs
+whose sections agree share the artifact, and editing evaluation settings never retrains a model.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+
+from flowopd.artifacts import atomic_folder, sha256_file, write_json, write_provenance
+
+PHASE_SECTIONS = {
+    "data": ("seed", "world", "tasks"),
+    "base": ("seed", "world", "model", "base"),
+    "eval": ("world", "tasks", "evaluation"),
+}
+
+
+def sub_spec(spec, phase: str) -> dict:
+    """The resolved part of the spec a phase depends on (JSON-ready)."""
+    return spec.sections(*PHASE_SECTIONS[phase])
+
+
+def sub_spec_hash(spec, phase: str) -> str:
+    return spec.section_hash(*PHASE_SECTIONS[phase])
+
+
+def run_data(spec, out: Path) -> None:
+    from flowopd.data import build_prompt_sets, write_prompt_sets
+
+    with atomic_folder(out) as folder:
+        sets = build_prompt_sets(spec)
+        write_prompt_sets(sets, folder)
+        counts = {task: {split: len(p) for split, p in splits.items()} for task, splits in sets.items()}
+        write_provenance(folder, "data", sub_spec(spec, "data"), prompt_counts=counts)
+
+
+def run_base(spec, out: Path, curve_path: Path | None = None, progress: bool = True) -> None:
+    from flowopd.pretrain import pretrain
+
+    if spec.model.kind != "tiny":
+        raise SystemExit("the base phase pretrains tiny models only; an sd3 spec starts from its pretrained weights")
+    start = time.time()
+    bundle, curve = pretrain(spec, progress=progress)
+    with atomic_folder(out) as folder:
+        bundle.save(folder)
+        write_curve(folder / "curve.csv", curve)
+        write_provenance(
+            folder,
+            "base",
+            sub_spec(spec, "base"),
+            parameters=bundle.parameter_count(),
+            seconds=round(time.time() - start, 2),
+            weights_sha256=sha256_file(folder / "model.safetensors"),
+        )
+    if curve_path is not None:
+        write_curve(curve_path, curve)
+
+
+def run_eval(
+    spec, model_dir: Path, data_dir: Path, label: str, out: Path, metrics_path: Path | None = None, progress=True
+) -> None:
+    from flowopd.evaluate import evaluate
+    from flowopd.models.tiny import TinyBundle
+
+    start = time.time()
+    bundle = TinyBundle.load(model_dir)
+    with atomic_folder(out) as folder:
+        record = evaluate(bundle, spec, data_dir, folder, progress=progress)
+        write_provenance(
+            folder,
+            "eval",
+            sub_spec(spec, "eval"),
+            spec_name=spec.name,
+            model=label,
+            model_dir=str(model_dir),
+            model_sha256=sha256_file(Path(model_dir) / "model.safetensors"),
+            seconds=round(time.time() - start, 2),
+        )
+    if metrics_path is not None:  # the small file `dvc metrics show` / `dvc exp show` read
+        write_json(metrics_path, {label: record["headline"]})
+
+
+def write_curve(path: Path, rows: list[dict]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def warn_if_stale(spec, phase: str, out: Path) -> None:
+    """Stage folders end in their sub-spec hash; a mismatch means the specs changed since dvc.yaml was written
+    (fine inside `dvc exp run -S`, where the artifact then holds the experiment's own settings)."""
+    key = sub_spec_hash(spec, phase)[:10]
+    if not Path(out).name.endswith(key):
+        print(f"note: {phase} sections of the spec hash to {key}, not to the stage key in {out}; "
+              "if you edited specs/, run `flowopd pipeline write` (make repro does) to re-key the stages")
+
+
+def stage_main(phase: str, argv: list[str] | None = None) -> None:
+    """Command line of the thin `stages/<phase>.py` entry points that dvc.yaml runs."""
+    import argparse
+
+    from flowopd.spec import SpecError, load_spec
+
+    parser = argparse.ArgumentParser(prog=f"stages/{phase}.py", description=f"run the {phase} phase of a spec")
+    parser.add_argument("--spec", required=True, type=Path, help="spec YAML file")
+    parser.add_argument("--out", required=True, type=Path, help="artifact folder to write (atomically)")
+    if phase == "eval":
+        parser.add_argument("--model", required=True, type=Path, help="model artifact folder")
+        parser.add_argument("--data", required=True, type=Path, help="prompt sets folder (data phase)")
+        parser.add_argument("--label", required=True, help="row label in the report, e.g. base, flow_opd")
+        parser.add_argument("--metrics", type=Path, help="also write the headline metrics here (DVC metrics)")
+    if phase == "base":
+        parser.add_argument("--curve", type=Path, help="also write the loss curve here (DVC plots)")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        spec = load_spec(args.spec)
+    except SpecError as error:
+        raise SystemExit(str(error)) from None
+    progress = not args.no_progress
+    warn_if_stale(spec, phase, args.out)
+    if phase == "data":
+        run_data(spec, args.out)
+    elif phase == "base":
+        run_base(spec, args.out, args.curve, progress=progress)
+    elif phase == "eval":
+        run_eval(spec, args.model, args.data, args.label, args.out, args.metrics, progress=progress)
+    else:
+        raise SystemExit(f"unknown phase {phase!r}")

@@ -1,0 +1,83 @@
+"""Sampling a bundle along the sigma grid: Flow-GRPO's SDE (rollouts with log-probs) or the Euler ODE (eval).
+
+Every step, including the last one to sigma 0, is a Gaussian SDE step when noise_level > 0, as in Flow-GRPO's
+`run_sampling` (its std there is sd(s) sqrt(s) > 0, so the last step is well defined; trainers skip it).
+noise_level = 0 is the deterministic Euler sampler x' = x + (s' - s) v: no density, so log_probs is None.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from flowopd.models.base import Bundle, Condition
+from flowopd.sde import sde_step, sde_step_mean_std, sigma_schedule
+
+
+@dataclass
+class Trajectory:
+    """One batch of rollouts: x_{s_0} ... x_{s_T} and log p(x_{s_{t+1}} | x_{s_t})."""
+
+    latents: Tensor  # (T+1, B, C, H, W), fp32; latents[0] is the initial noise, latents[-1] the sample
+    log_probs: Tensor | None  # (T, B) under the sampling policy; None for the ODE sampler
+    sigmas: Tensor  # (T+1,), sigmas[t] is the noise level of latents[t]
+
+    @property
+    def next_latents(self) -> Tensor:
+        """(T, B, C, H, W): the result x' of step t, next to latents[:-1], its input x."""
+        return self.latents[1:]
+
+    @property
+    def steps(self) -> int:
+        return self.sigmas.shape[0] - 1
+
+
+@torch.no_grad()
+def sample(
+    bundle: Bundle,
+    cond: Condition,
+    *,
+    steps: int,
+    shift: float,
+    cfg: float,
+    noise_level: float,
+    generator: torch.Generator | None,
+    x_init: Tensor | None = None,
+    return_trajectory: bool = False,
+    progress: bool = False,
+    transformer=None,
+    log_prob_reduction: str = "mean",
+):
+    """Draw one sample per condition row. -> x (B, C, H, W) fp32, or (x, Trajectory) with return_trajectory.
+
+    The initial noise is drawn on the generator's device, so a seeded CPU generator is reproducible anywhere.
+    `transformer` overrides the bundle's (e.g. an EMA copy); runs without grad (trainers recompute log-probs).
+    """
+    device = cond.prompt_embeds.device
+    if x_init is None:
+        gen_device = generator.device if generator is not None else device
+        shape = (len(cond), *bundle.latent_shape)
+        x_init = torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32)
+    x = x_init.to(device=device, dtype=torch.float32)
+    sigmas = sigma_schedule(steps, shift)
+    latents, log_probs = [x], []
+    for t in tqdm(range(steps), disable=not progress, desc="sampling", leave=False):
+        sigma, sigma_next = sigmas[t].item(), sigmas[t + 1].item()
+        velocity = bundle.velocity(x, sigma, cond, cfg=cfg, transformer=transformer)
+        if noise_level == 0:
+            x, _ = sde_step_mean_std(x, velocity, sigma, sigma_next, 0.0)  # Euler: x + (s' - s) v
+        else:
+            x, log_prob, _, _ = sde_step(
+                x, velocity, sigma, sigma_next, noise_level, generator=generator, reduction=log_prob_reduction
+            )
+            log_probs.append(log_prob)
+        latents.append(x)
+    if not return_trajectory:
+        return x
+    trajectory = Trajectory(
+        latents=torch.stack(latents), log_probs=torch.stack(log_probs) if log_probs else None, sigmas=sigmas
+    )
+    return x, trajectory

@@ -1,0 +1,69 @@
+"""Phases end to end on a micro spec: data -> base -> eval, bit-identical on CPU for the same spec and seed."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from flowopd.phases import run_base, run_data, run_eval, stage_main, sub_spec_hash
+from flowopd.spec import load_spec
+
+MICRO = Path(__file__).parent / "data" / "micro.yaml"
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return load_spec(MICRO)
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory, spec):
+    runs = []
+    for name in ("a", "b"):
+        root = tmp_path_factory.mktemp(name)
+        run_data(spec, root / "data")
+        run_base(spec, root / "base", progress=False)
+        run_eval(spec, root / "base", root / "data", "base", root / "eval", root / "metrics.json", progress=False)
+        runs.append(root)
+    return runs
+
+
+def test_same_spec_and_seed_give_bit_identical_artifacts(two_runs):
+    a, b = two_runs
+    weights_a, weights_b = load_file(a / "base/model.safetensors"), load_file(b / "base/model.safetensors")
+    assert weights_a.keys() == weights_b.keys()
+    assert all((weights_a[k] == weights_b[k]).all() for k in weights_a)
+    for name in ("metrics.json", "samples.jsonl"):
+        assert (a / "eval" / name).read_bytes() == (b / "eval" / name).read_bytes()
+    for task in ("text", "objects", "quality"):
+        assert (a / f"data/{task}.test.jsonl").read_bytes() == (b / f"data/{task}.test.jsonl").read_bytes()
+
+
+def test_eval_writes_metrics_samples_grids_and_provenance(two_runs, spec):
+    root = two_runs[0]
+    record = json.loads((root / "eval/metrics.json").read_text())
+    assert set(record["headline"]) == {"text", "objects", "quality"}
+    objects = record["benchmarks"]["objects"]
+    assert objects["headline"] == "strict" and objects["n"] == 4
+    assert set(objects["metrics"]["strict"]["seeds"]) == {"0", "1"}
+    assert np.isclose(objects["metrics"]["strict"]["mean"], np.mean(list(objects["metrics"]["strict"]["seeds"].values())))
+    rows = [json.loads(line) for line in (root / "eval/samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 * 4 * 2  # tasks x prompts x seeds
+    assert all(0.0 <= r["score"] <= 1.0 for r in rows)
+    assert {p.name for p in (root / "eval").glob("grid_*.png")} == {"grid_text.png", "grid_objects.png", "grid_quality.png"}
+    assert json.loads((root / "metrics.json").read_text()) == {"base": record["headline"]}
+    meta = json.loads((root / "base/meta.json").read_text())
+    assert meta["spec_hash"] == sub_spec_hash(spec, "base")
+    assert json.loads((root / "base/spec.json").read_text())["base"]["steps"] == 4
+    assert meta["packages"]["torch"].startswith("2.13")
+
+
+def test_stage_refuses_a_bad_spec_with_one_line_per_problem(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"extends: {MICRO}\nbase: {{steps: -1}}\n")
+    with pytest.raises(SystemExit) as exit_info:
+        stage_main("data", ["--spec", str(bad), "--out", str(tmp_path / "out")])
+    assert "base.steps" in str(exit_info.value.code)
+    assert not (tmp_path / "out").exists()

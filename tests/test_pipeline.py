@@ -1,0 +1,72 @@
+"""dvc.yaml is generated from specs/: kept in sync, stages keyed by the sections their phase reads."""
+
+import shutil
+from pathlib import Path
+
+import yaml
+
+from flowopd import pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_committed_dvc_yaml_is_in_sync_with_specs():
+    assert not pipeline.stale(ROOT), "dvc.yaml is stale: run `flowopd pipeline write` and commit it"
+
+
+def make_tree(tmp_path, **variants: str) -> Path:
+    """A repo-like tree with the shipped main spec and extra specs given as YAML text extending it."""
+    (tmp_path / "specs/ablations").mkdir(parents=True)
+    shutil.copy(ROOT / "specs/flow_opd.yaml", tmp_path / "specs/flow_opd.yaml")
+    for name, body in variants.items():
+        (tmp_path / f"specs/ablations/{name}.yaml").write_text(f"extends: ../flow_opd.yaml\nname: {name}\n{body}")
+    return tmp_path
+
+
+def stage_names(tree: Path, phase: str) -> set[str]:
+    return {name for name in pipeline.build(tree)["stages"] if name.startswith(phase + "-")}
+
+
+def test_specs_that_agree_on_a_phase_share_its_stage(tmp_path):
+    # other_eval restates the main seed: same base sections, so it shares the base stage and feeds its params
+    tree = make_tree(tmp_path, other_eval="seed: 0\nevaluation: {seeds: [7]}\n", other_base="base: {steps: 11}\n")
+    stages = pipeline.build(tree)["stages"]
+    assert len(stage_names(tree, "data")) == 1  # no spec changes seed / world / tasks
+    assert len(stage_names(tree, "base")) == 2  # other_base alone differs
+    assert len(stage_names(tree, "eval")) == 3  # main, other_eval on the main base, other_base's base
+    shared = next(s for s in stages.values() if s["cmd"].startswith("python stages/base.py --spec specs/flow_opd"))
+    files = {f for entry in shared["params"] for f in entry}
+    assert files == {"specs/flow_opd.yaml", "specs/ablations/other_eval.yaml"}
+
+
+def test_editing_evaluation_changes_only_eval_stages(tmp_path):
+    tree = make_tree(tmp_path)
+    before = pipeline.build(tree)["stages"]
+    spec = tree / "specs/flow_opd.yaml"
+    spec.write_text(spec.read_text().replace("seeds: [0, 1, 2]", "seeds: [0, 1]"))
+    after = pipeline.build(tree)["stages"]
+    changed = set(before) ^ set(after)
+    assert changed and all(name.startswith("eval-") for name in changed)
+
+
+def test_editing_the_base_rekeys_base_and_everything_downstream(tmp_path):
+    tree = make_tree(tmp_path)
+    before = pipeline.build(tree)["stages"]
+    spec = tree / "specs/flow_opd.yaml"
+    text = spec.read_text()
+    assert "  lr: 1.0e-3\n  warmup:" in text
+    spec.write_text(text.replace("  lr: 1.0e-3\n  warmup:", "  lr: 2.0e-3\n  warmup:", 1))
+    after = pipeline.build(tree)["stages"]
+    assert stage_names(tree, "data") <= set(before)  # data untouched
+    assert not ({n for n in after if n.startswith(("base-", "eval-"))} & set(before))
+
+
+def test_params_come_from_every_file_of_the_extends_chain(tmp_path):
+    tree = make_tree(tmp_path, longer="base: {steps: 12}\n")
+    stages = pipeline.build(tree)["stages"]
+    base = next(s for s in stages.values() if "--spec specs/ablations/longer.yaml" in s["cmd"]
+                and s["cmd"].startswith("python stages/base.py"))
+    assert base["params"] == [{"specs/ablations/longer.yaml": ["base"]},
+                              {"specs/flow_opd.yaml": ["seed", "world", "model", "base"]}]
+    rendered = yaml.safe_load(pipeline.render(tree))
+    assert rendered == pipeline.build(tree)

@@ -1,0 +1,199 @@
+"""SD3Bundle on a whole tiny random SD3 pipeline built from configs, offline (no downloads)."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, SD3Transformer2DModel
+from tokenizers import pre_tokenizers
+from transformers import (
+    ByT5Tokenizer,
+    CLIPTextConfig,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+)
+
+from flowopd.models.base import Bundle
+from flowopd.models.sd3 import SD3Bundle
+from flowopd.sampling import sample
+
+RESOLUTION, TEXT_LEN = 32, 32
+
+
+def tiny_clip_tokenizer() -> CLIPTokenizer:
+    """Byte-level BPE with no merges: one token per byte (plus its end-of-word form); built in memory."""
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for char in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[char] = len(vocab)
+        vocab[char + "</w>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def tiny_clip(vocab_size: int, seed: int) -> CLIPTextModelWithProjection:
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        projection_dim=16,
+        max_position_embeddings=77,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    return CLIPTextModelWithProjection(config).eval()
+
+
+def tiny_sd3_bundle() -> SD3Bundle:
+    clip_tokenizer = tiny_clip_tokenizer()
+    torch.manual_seed(0)
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=384, d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=4, decoder_start_token_id=0
+        )
+    ).eval()
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=16,
+        block_out_channels=(4, 4, 4, 4),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        norm_num_groups=1,
+        sample_size=RESOLUTION,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        scaling_factor=1.5305,
+        shift_factor=0.0609,
+    ).eval()
+    # CLIP-L and CLIG-G (16 + 16) are concatenated and padded to T5's width (32) = joint_attention_dim
+    transformer = SD3Transformer2DModel(
+        sample_size=RESOLUTION // 8,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        caption_projection_dim=16,
+        pooled_projection_dim=32,
+    )
+    return SD3Bundle.from_components(
+        transformer=transformer,
+        vae=vae,
+        text_encoder=tiny_clip(len(clip_tokenizer), 1),
+        tokenizer=clip_tokenizer,
+        text_encoder_2=tiny_clip(len(clip_tokenizer), 2),
+        tokenizer_2=clip_tokenizer,
+        text_encoder_3=t5,
+        tokenizer_3=ByT5Tokenizer(),
+        resolution=RESOLUTION,
+        max_sequence_length=TEXT_LEN,
+    )
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return tiny_sd3_bundle()
+
+
+def test_encode_velocity_sample_decode(bundle):
+    assert isinstance(bundle, Bundle)
+    assert bundle.latent_shape == (16, RESOLUTION // 8, RESOLUTION // 8)
+    cond = bundle.encode(['a sign that says "KO"', "a photo of a red circle"])
+    assert cond.prompt_embeds.shape == (2, 77 + TEXT_LEN, 32) and cond.pooled.shape == (2, 32)
+    assert not torch.allclose(cond.pooled[0], cond.pooled[1])  # the prompts reach the encoders
+    torch.testing.assert_close(bundle.encode(["a photo of a red circle"]).pooled[0], cond.pooled[1])
+    null = bundle.null_condition(3)
+    assert len(null) == 3 and torch.equal(null.pooled[0], null.pooled[2])
+
+    x = torch.randn(2, *bundle.latent_shape, generator=torch.Generator().manual_seed(0))
+    v1 = bundle.velocity(x, 0.7, cond, cfg=1.0)
+    v_u = bundle.velocity(x, 0.7, bundle.null_condition(2), cfg=1.0)
+    v4 = bundle.velocity(x, torch.tensor([0.7, 0.7]), cond, cfg=4.5)
+    assert v1.shape == x.shape and v1.dtype == torch.float32
+    torch.testing.assert_close(v4, v_u + 4.5 * (v1 - v_u), rtol=1e-4, atol=1e-5)
+
+    latents, trajectory = sample(
+        bundle,
+        cond,
+        steps=2,
+        shift=3.0,
+        cfg=4.5,
+        noise_level=0.7,
+        generator=torch.Generator().manual_seed(0),
+        return_trajectory=True,
+    )
+    assert trajectory.log_probs.shape == (2, 2) and torch.isfinite(trajectory.log_probs).all()
+    images = bundle.decode(latents)
+    assert images.shape == (2, RESOLUTION, RESOLUTION, 3) and images.dtype == np.uint8
+    # decode undoes SD3's latent normalisation: z = x / scaling + shift
+    z = latents / 1.5305 + 0.0609
+    with torch.no_grad():
+        expected = bundle.vae.decode(z).sample
+    expected = ((expected / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert np.array_equal(images, expected)
+
+
+def test_lora_adapters_share_one_frozen_base(bundle):
+    cond = bundle.encode(["a photo of two blue squares"])
+    x = torch.randn(1, *bundle.latent_shape, generator=torch.Generator().manual_seed(1))
+    bundle.set_adapter(None) if bundle.adapters else None
+    with torch.no_grad():
+        v_base = bundle.velocity(x, 0.5, cond)
+    base_params = {
+        n: p.detach().clone() for n, p in bundle.transformer.named_parameters() if "lora_" not in n
+    }
+
+    bundle.add_lora("teacher", rank=4, alpha=8)
+    bundle.add_lora("student", rank=4, alpha=8)
+    assert bundle.adapters == ["teacher", "student"]
+    trainable = [n for n, p in bundle.transformer.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert any(".teacher." in n for n in trainable) and any(".student." in n for n in trainable)
+
+    # fresh adapters start at the base (B = 0)
+    with torch.no_grad():
+        torch.testing.assert_close(bundle.velocity(x, 0.5, cond), v_base)
+        for n, p in bundle.transformer.named_parameters():
+            if ".teacher." in n and "lora_B" in n:
+                p.add_(0.5 * torch.randn_like(p))
+
+    def velocity_of(name):
+        bundle.set_adapter(name)
+        with torch.no_grad():
+            return bundle.velocity(x, 0.5, cond)
+
+    v_teacher, v_student, v_none = velocity_of("teacher"), velocity_of("student"), velocity_of(None)
+    assert not torch.allclose(v_teacher, v_student, atol=1e-4)
+    torch.testing.assert_close(v_student, v_base)
+    torch.testing.assert_close(v_none, v_base)
+    torch.testing.assert_close(velocity_of("teacher"), v_teacher)
+    # switching keeps every adapter's trainable flag and never touches the base
+    assert [n for n, p in bundle.transformer.named_parameters() if p.requires_grad] == trainable
+    for n, p in bundle.transformer.named_parameters():
+        if n in base_params:
+            assert torch.equal(p, base_params[n])
+
+    # gradients reach the active adapter only
+    bundle.set_adapter("student")
+    bundle.velocity(x, 0.5, cond).square().mean().backward()
+    grads = {n: p.grad for n, p in bundle.transformer.named_parameters() if p.grad is not None}
+    assert grads and all(".student." in n for n in grads)
+    bundle.transformer.zero_grad(set_to_none=True)
+
+    # an adapter's weights round-trip through its state dict
+    state = bundle.adapter_state_dict("teacher")
+    bundle.load_adapter_state_dict(
+        "student", {k.replace(".teacher", ".student"): v for k, v in state.items()}
+    )
+    torch.testing.assert_close(velocity_of("student"), v_teacher)
+    with pytest.raises(KeyError):
+        bundle.set_adapter("nobody")
+    with pytest.raises(ValueError, match="unexpected"):
+        bundle.load_adapter_state_dict("student", {"not.a.lora_A.weight": torch.zeros(1)})
