@@ -29,14 +29,16 @@ git-ready:
 	@git config user.email >/dev/null || git config user.email flowopd@localhost
 	@git config user.name >/dev/null || git config user.name flowopd
 
+# Stage commands call `python`: the venv's, whatever the caller's PATH says.
 repro: setup
-	$(BIN)/dvc repro
+	$(BIN)/flowopd pipeline write
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
 test: setup
-	$(BIN)/pytest
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest
 
 test-slow: setup
-	$(BIN)/pytest -m slow
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest -m slow
 
 lint: setup
 	$(BIN)/ruff check flowopd stages tests benchmarks

@@ -16,9 +16,12 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
+UMASK = os.umask(0)
+os.umask(UMASK)
 PACKAGES = ("flowopd", "torch", "diffusers", "transformers", "peft", "accelerate", "numpy", "pillow", "tesserocr")
 
 
@@ -76,6 +79,7 @@ def write_json(path: Path, data) -> None:
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
         json.dump(data, handle, indent=2, sort_keys=True)
         handle.write("\n")
+    os.chmod(handle.name, 0o666 & ~UMASK)  # temp files are private; the artifact should not be
     os.replace(handle.name, path)
 
 
@@ -88,6 +92,7 @@ def atomic_folder(target: Path) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    os.chmod(staging, 0o777 & ~UMASK)
     try:
         yield staging
     except BaseException:
@@ -98,10 +103,18 @@ def atomic_folder(target: Path) -> Iterator[Path]:
     os.replace(staging, target)
 
 
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
 def write_provenance(folder: Path, phase: str, sub_spec: dict, **extra) -> dict:
-    """Write spec.json and meta.json into an artifact folder; returns the meta record."""
+    """Write spec.json (the sections the phase read) and meta.json into an artifact folder; returns the meta.
+
+    meta.sections_hash keys the artifact (sha256 of spec.json's canonical JSON); callers add spec_name and
+    spec_hash (the whole resolved spec the stage ran from), timings and artifact hashes.
+    """
     folder = Path(folder)
     write_json(folder / "spec.json", sub_spec)
-    meta = {"phase": phase, "spec_hash": canonical_hash(sub_spec), **git_state(), **environment(), **extra}
+    meta = {"phase": phase, "sections_hash": canonical_hash(sub_spec), **git_state(), **environment(), **extra}
     write_json(folder / "meta.json", meta)
     return meta

@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from flowopd.ledger import add_ledger_parser
+from flowopd.report import add_report_parser
 from flowopd.spec_cli import add_spec_parser
 
 
@@ -40,5 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_spec_parser(subparsers)
     add_pipeline_parser(subparsers)
+    add_ledger_parser(subparsers)
+    add_report_parser(subparsers)
     args = parser.parse_args(argv)
     return args.func(args)

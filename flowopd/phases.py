@@ -7,10 +7,11 @@ whose sections agree share the artifact, and editing evaluation settings never r
 from __future__ import annotations
 
 import csv
+import json
 import time
 from pathlib import Path
 
-from flowopd.artifacts import atomic_folder, sha256_file, write_json, write_provenance
+from flowopd.artifacts import atomic_folder, now, sha256_file, write_json, write_provenance
 
 PHASE_SECTIONS = {
     "data": ("seed", "world", "tasks"),
@@ -28,14 +29,22 @@ def sub_spec_hash(spec, phase: str) -> str:
     return spec.section_hash(*PHASE_SECTIONS[phase])
 
 
+def spec_identity(spec) -> dict:
+    from flowopd.spec import spec_hash
+
+    return {"spec_name": spec.name, "spec_label": spec.label, "spec_hash": spec_hash(spec)}
+
+
 def run_data(spec, out: Path) -> None:
     from flowopd.data import build_prompt_sets, write_prompt_sets
 
+    started = now()
     with atomic_folder(out) as folder:
         sets = build_prompt_sets(spec)
         write_prompt_sets(sets, folder)
         counts = {task: {split: len(p) for split, p in splits.items()} for task, splits in sets.items()}
-        write_provenance(folder, "data", sub_spec(spec, "data"), prompt_counts=counts)
+        write_provenance(folder, "data", sub_spec(spec, "data"), **spec_identity(spec), prompt_counts=counts,
+                         started=started, finished=now())
 
 
 def run_base(spec, out: Path, curve_path: Path | None = None, progress: bool = True) -> None:
@@ -43,7 +52,7 @@ def run_base(spec, out: Path, curve_path: Path | None = None, progress: bool = T
 
     if spec.model.kind != "tiny":
         raise SystemExit("the base phase pretrains tiny models only; an sd3 spec starts from its pretrained weights")
-    start = time.time()
+    started, start = now(), time.time()
     bundle, curve = pretrain(spec, progress=progress)
     with atomic_folder(out) as folder:
         bundle.save(folder)
@@ -52,7 +61,10 @@ def run_base(spec, out: Path, curve_path: Path | None = None, progress: bool = T
             folder,
             "base",
             sub_spec(spec, "base"),
+            **spec_identity(spec),
             parameters=bundle.parameter_count(),
+            started=started,
+            finished=now(),
             seconds=round(time.time() - start, 2),
             weights_sha256=sha256_file(folder / "model.safetensors"),
         )
@@ -66,7 +78,7 @@ def run_eval(
     from flowopd.evaluate import evaluate
     from flowopd.models.tiny import TinyBundle
 
-    start = time.time()
+    started, start = now(), time.time()
     bundle = TinyBundle.load(model_dir)
     with atomic_folder(out) as folder:
         record = evaluate(bundle, spec, data_dir, folder, progress=progress)
@@ -74,10 +86,13 @@ def run_eval(
             folder,
             "eval",
             sub_spec(spec, "eval"),
-            spec_name=spec.name,
+            **spec_identity(spec),
             model=label,
             model_dir=str(model_dir),
             model_sha256=sha256_file(Path(model_dir) / "model.safetensors"),
+            model_sections_hash=json.loads((Path(model_dir) / "meta.json").read_text())["sections_hash"],
+            started=started,
+            finished=now(),
             seconds=round(time.time() - start, 2),
         )
     if metrics_path is not None:  # the small file `dvc metrics show` / `dvc exp show` read

@@ -3,8 +3,10 @@
 A stage is named and keyed by the hash of the sections its phase reads (`flowopd.phases.PHASE_SECTIONS`), so:
 - editing evaluation settings changes only eval stages; editing the base changes the base and all downstream;
 - two specs with the same base settings share one `base-<hash>` stage and artifact;
-- each stage lists as DVC params exactly the keys of its sections in every spec file that feeds it (the whole
-  `extends` chain), so `dvc exp run -S specs/flow_opd.yaml:base.steps=10` reruns what it should.
+- each stage lists as DVC params the keys of its sections in every file of the `extends` chain of the spec its
+  command runs (the first spec, in PIPELINE_SPECS order, that has these sections), so
+  `dvc exp run -S specs/flow_opd.yaml:base.steps=10` reruns what it should. Specs that only share a stage are not
+  listed: adding one must not rerun the stage.
 `flowopd pipeline write` regenerates dvc.yaml; a test fails when the committed one is stale.
 """
 
@@ -21,11 +23,15 @@ from flowopd.spec import extends_chain, load_spec
 
 PIPELINE_SPECS = ("specs/*.yaml", "specs/ablations/*.yaml")  # specs/sd3/ are for GPU clusters, not dvc repro here
 CODE_DEPS = {
-    "data": ["stages/data.py", "flowopd/data.py", "flowopd/world"],
-    "base": ["stages/base.py", "flowopd/pretrain.py", "flowopd/models", "flowopd/world"],
-    "eval": ["stages/eval.py", "flowopd/evaluate.py", "flowopd/sampling.py", "flowopd/sde.py", "flowopd/rewards",
+    "data": ["stages/data.py", "flowopd/phases.py", "flowopd/data.py", "flowopd/world"],
+    "base": ["stages/base.py", "flowopd/phases.py", "flowopd/pretrain.py", "flowopd/models", "flowopd/world"],
+    "eval": ["stages/eval.py", "flowopd/phases.py", "flowopd/evaluate.py", "flowopd/sampling.py", "flowopd/sde.py", "flowopd/rewards",
              "flowopd/models"],
 }
+LEDGER_DEPS = ["stages/ledger.py", "flowopd/ledger.py", "flowopd/artifacts.py"]
+REPORT_DEPS = ["stages/report.py", "flowopd/report.py", "flowopd/ledger.py"]
+REPORT_OUTS = ["reports/main_table.csv", "reports/main_table.md", "reports/README.md", "reports/plots",
+               "reports/grids"]
 HEADER = (
     "# Generated from specs/ by `flowopd pipeline write` (make repro runs it). Do not edit by hand:\n"
     "# stages are keyed by the hash of the spec sections their phase reads, and shared across specs.\n"
@@ -47,25 +53,14 @@ def spec_params(root: Path, spec_path: str, sections: tuple[str, ...]) -> list[d
     return params
 
 
-def merge_params(a: list[dict], b: list[dict]) -> list[dict]:
-    merged: dict[str, list[str]] = {}
-    for entry in a + b:
-        for file, keys in entry.items():
-            merged.setdefault(file, [])
-            merged[file] += [k for k in keys if k not in merged[file]]
-    return [{file: keys} for file, keys in sorted(merged.items())]
-
-
 def build(root: Path = Path(".")) -> dict:
     """The dvc.yaml mapping for every pipeline spec under `root`."""
     root = Path(root)
     stages: dict[str, dict] = {}
+    shards: dict[str, str] = {}  # eval out -> the model folder it evaluated (the ledger reads its curve)
 
     def add(name: str, stage: dict, params: list[dict]) -> None:
-        if name in stages:  # another spec with the same sections: share the stage, track both files
-            stages[name]["params"] = merge_params(stages[name]["params"], params)
-        else:
-            stages[name] = {**stage, "params": merge_params([], params)}
+        stages.setdefault(name, {**stage, "params": params})  # a later spec with the same sections shares it
 
     for spec_path in pipeline_specs(root):
         spec = load_spec(root / spec_path)
@@ -98,6 +93,20 @@ def build(root: Path = Path(".")) -> dict:
                 "outs": [out],
                 "metrics": [{f"reports/metrics/{name}.json": {"cache": False}}],
             }, params["eval"])
+            shards[out] = model_dir
+    if shards:
+        listed = " ".join(shards)
+        # The ledger keeps history across runs (persist), and is rebuilt from shards if lost (no DVC cache).
+        stages["ledger"] = {
+            "cmd": f"python stages/ledger.py --db reports/ledger.duckdb {listed}",
+            "deps": [*LEDGER_DEPS, *shards, *sorted(set(shards.values()))],
+            "outs": [{"reports/ledger.duckdb": {"persist": True, "cache": False}}],
+        }
+        stages["report"] = {
+            "cmd": f"python stages/report.py --db reports/ledger.duckdb --out reports {listed}",
+            "deps": [*REPORT_DEPS, "reports/ledger.duckdb", *shards],
+            "outs": [{path: {"cache": False}} for path in REPORT_OUTS],
+        }
     return {"stages": stages}
 
 

@@ -18,14 +18,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from flowopd.models.tiny import TinyBundle
+from flowopd.models.tiny import TinyBundle, build_vocab
 from flowopd.world import TASKS, WorldConfig, all_prompts, corrupt_prompt, degrade, render
 
 
 def tiny_model_config(spec) -> dict:
+    """Bundle config: the spec's model section, the canvas, and the vocabulary of the world's whole grammar."""
     config = spec.model.model_dump(mode="json")
     config.pop("kind")
-    return {"canvas": spec.world.canvas, **config}
+    world = world_config(spec)
+    texts = [p.text for task in TASKS for family in all_prompts(world, task).values() for p in family]
+    return {"canvas": world.canvas, "vocab": build_vocab(texts), **config}
 
 
 def world_config(spec) -> WorldConfig:

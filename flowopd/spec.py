@@ -84,6 +84,8 @@ class World(Section):
     shapes: Annotated[tuple[str, ...], Field(min_length=1)] = ("circle", "square", "triangle")
     max_count: PositiveInt = 3
     relations: tuple[str, ...] = ("left of", "right of", "above", "below")
+    jitter: bool = True
+    """Random sizes and positions; false: every prompt has one canonical render (easier to learn in minutes)."""
 
     _check_unique = field_validator("alphabet", "colours", "shapes", "relations")(_unique)
 

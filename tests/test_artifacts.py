@@ -25,6 +25,6 @@ def test_provenance_records_hash_git_and_environment(tmp_path):
     assert json.loads((tmp_path / "spec.json").read_text()) == sub_spec
     on_disk = json.loads((tmp_path / "meta.json").read_text())
     assert on_disk == meta
-    assert meta["spec_hash"] == canonical_hash({"seed": 0, "base": {"steps": 3}})
+    assert meta["sections_hash"] == canonical_hash({"seed": 0, "base": {"steps": 3}})
     assert meta["phase"] == "base" and meta["seconds"] == 1.5
     assert {"git_rev", "git_dirty", "python", "packages", "device"} <= meta.keys()

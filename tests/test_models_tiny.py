@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from flowopd.models.base import Bundle, Condition
-from flowopd.models.tiny import TinyBundle
+from flowopd.models.tiny import SPECIALS, TinyBundle, build_vocab, split_tokens
 
+VOCAB = build_vocab(['a sign that says "KO"', "a photo of a red circle"])
 CONFIG = {"canvas": 16, "patch_size": 4, "num_layers": 1, "num_heads": 2, "head_dim": 8, "text_dim": 16,
-          "text_layers": 1, "max_text_len": 24}
+          "text_layers": 1, "max_text_len": 12, "vocab": VOCAB}
 
 
 @pytest.fixture
@@ -19,7 +20,7 @@ def bundle():
 def test_bundle_protocol_and_shapes(bundle):
     assert isinstance(bundle, Bundle)
     cond = bundle.encode(['a sign that says "KO"', "a photo of a red circle"])
-    assert cond.prompt_embeds.shape == (2, 24, 16) and cond.pooled.shape == (2, 16)
+    assert cond.prompt_embeds.shape == (2, 12, 16) and cond.pooled.shape == (2, 16)
     x = torch.randn(2, *bundle.latent_shape)
     assert bundle.velocity(x, 0.5, cond).shape == x.shape
     images = bundle.decode(torch.tensor([-1.0, 0.0, 1.0]).view(1, 3, 1, 1).expand(1, 3, 16, 16))
@@ -51,6 +52,14 @@ def test_save_load_round_trip(bundle, tmp_path):
     assert torch.equal(bundle.velocity(x, 0.4, cond_a, cfg=2.0), loaded.velocity(x, 0.4, cond_b, cfg=2.0))
 
 
+def test_tokens_are_words_and_single_capital_letters(bundle):
+    assert split_tokens('a sign that says "KO"') == ["a", "sign", "that", "says", '"', "K", "O", '"']
+    assert VOCAB[: len(SPECIALS)] == list(SPECIALS) and VOCAB == build_vocab(reversed(["a photo of a red circle",
+                                                                                       'a sign that says "KO"']))
+    ids = bundle.text_encoder.tokenize(['a sign that says "KZ"'])[0].tolist()
+    assert ids[7] == VOCAB.index("<unk>") and ids[9:] == [VOCAB.index("<pad>")] * 3  # Z is unknown
+
+
 def test_overlong_prompt_is_refused_with_the_limit(bundle):
-    with pytest.raises(ValueError, match="max_text_len=23"):
-        bundle.encode(["x" * 40])
+    with pytest.raises(ValueError, match="max_text_len=11"):
+        bundle.encode(["a " * 12])

@@ -8,7 +8,7 @@ import pytest
 from safetensors.torch import load_file
 
 from flowopd.phases import run_base, run_data, run_eval, stage_main, sub_spec_hash
-from flowopd.spec import load_spec
+from flowopd.spec import load_spec, spec_hash
 
 MICRO = Path(__file__).parent / "data" / "micro.yaml"
 
@@ -55,7 +55,10 @@ def test_eval_writes_metrics_samples_grids_and_provenance(two_runs, spec):
     assert {p.name for p in (root / "eval").glob("grid_*.png")} == {"grid_text.png", "grid_objects.png", "grid_quality.png"}
     assert json.loads((root / "metrics.json").read_text()) == {"base": record["headline"]}
     meta = json.loads((root / "base/meta.json").read_text())
-    assert meta["spec_hash"] == sub_spec_hash(spec, "base")
+    assert meta["sections_hash"] == sub_spec_hash(spec, "base")
+    assert meta["spec_hash"] == spec_hash(spec) and meta["spec_name"] == "micro"
+    eval_meta = json.loads((root / "eval/meta.json").read_text())
+    assert eval_meta["model_sha256"] == meta["weights_sha256"] and eval_meta["model"] == "base"
     assert json.loads((root / "base/spec.json").read_text())["base"]["steps"] == 4
     assert meta["packages"]["torch"].startswith("2.13")
 

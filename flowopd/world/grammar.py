@@ -42,6 +42,7 @@ class WorldConfig:
     shapes: tuple[str, ...] = ("circle", "square", "triangle")
     max_count: int = 3
     relations: tuple[str, ...] = ("left of", "right of", "above", "below")
+    jitter: bool = True  # False: one canonical render per prompt (fixed sizes, centred layouts)
 
     def __post_init__(self):
         object.__setattr__(self, "colours", tuple(self.colours))

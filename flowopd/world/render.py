@@ -34,11 +34,12 @@ def word_mask(word: str, width: int, height: int) -> np.ndarray:
 
 
 def render_text(world: WorldConfig, word: str, rng: np.random.Generator) -> np.ndarray:
-    size = world.canvas
-    height = int(rng.integers(round(0.56 * size), round(0.63 * size) + 1))  # 18..20 px caps on 32 px
+    size, jitter = world.canvas, int(world.jitter)
+    low, high = round(0.56 * size), round(0.63 * size)  # 18..20 px caps on 32 px
+    height = int(rng.integers(low, high + 1)) if jitter else (low + high) // 2
     width = min(size - 4, round(0.44 * size) * len(word))
-    top = (size - height) // 2 + int(rng.integers(-2, 3))
-    left = (size - width) // 2 + int(rng.integers(-1, 2))
+    top = (size - height) // 2 + int(rng.integers(-2, 3)) * jitter
+    left = (size - width) // 2 + int(rng.integers(-1, 2)) * jitter
     image = np.full((size, size, 3), 255, np.uint8)
     image[top:top + height, left:left + width][word_mask(word, width, height)] = BLACK
     return image
@@ -94,12 +95,26 @@ def _place_relation(relation: str, sizes: list[int], canvas: int, rng) -> list[t
     return boxes
 
 
+def _canonical_boxes(relation: str, n: int, canvas: int) -> tuple[list[int], list[tuple[int, int]]]:
+    """Fixed layout: objects of one size in a row (a column for above / below), evenly spaced and centred."""
+    size = min(round(sum(OBJECT_SIZE) / 2 * canvas / 32), (canvas - (n + 1) * MIN_GAP) // n)
+    gap = (canvas - n * size) // (n + 1)
+    along = [gap + i * (size + gap) for i in range(n)]
+    if relation in ("right of", "below"):  # the first object goes second along the axis
+        along = along[::-1]
+    across = (canvas - size) // 2
+    boxes = [(a, across) if relation in ("above", "below") else (across, a) for a in along]
+    return [size] * n, boxes
+
+
 def render_objects(world: WorldConfig, groups: tuple[ObjectGroup, ...], relation: str, rng) -> np.ndarray:
     canvas = world.canvas
     items = [(g.colour, g.shape) for g in groups for _ in range(g.count)]
     scale = canvas / 32
     sizes = [round(int(rng.integers(OBJECT_SIZE[0], OBJECT_SIZE[1] + 1)) * scale) for _ in items]
-    if relation:
+    if not world.jitter:
+        sizes, boxes = _canonical_boxes(relation, len(items), canvas)
+    elif relation:
         boxes = _place_relation(relation, sizes, canvas, rng)
     else:
         sizes, boxes = _place(sizes, canvas, rng)
