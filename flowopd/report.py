@@ -19,11 +19,10 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from flowopd.artifacts import atomic_folder
+from flowopd.artifacts import UMASK, atomic_folder, write_text
 from flowopd.ledger import DEFAULT_DB, LedgerError, connect, shard_run_id
 
 if TYPE_CHECKING:
@@ -191,22 +190,6 @@ def markdown_table(table: pl.DataFrame, summary: pl.DataFrame, values: pl.DataFr
 
 
 # ---------------------------------------------------------------- writing atomically
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_text(path: Path, text: str) -> None:
-    """Temp file in the same folder, then rename; ordinary permissions (temp files are private)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp", encoding="utf-8") as handle:
-        handle.write(text)
-    os.chmod(handle.name, 0o666 & ~_umask())
-    os.replace(handle.name, path)
-
-
 def _pyplot():
     import matplotlib
 
@@ -330,7 +313,7 @@ def build(shards: list[str | Path], db: str | Path = DEFAULT_DB, out: str | Path
                 shutil.copyfile(grid, folder / name)
                 grids.setdefault(model, {})[task] = name
     for folder in (out / "plots", out / "grids"):  # atomic_folder's temp folders are private
-        os.chmod(folder, 0o777 & ~_umask())
+        os.chmod(folder, 0o777 & ~UMASK)
     write_text(out / "README.md", _readme(markdown, phases, grids, tasks))
     return table
 
