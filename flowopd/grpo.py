@@ -448,7 +448,7 @@ def _run_phase(spec, phase, sub_spec, settings, base_dir, out, curve_path, progr
 
 def stage_main(phase: str, argv: list[str] | None = None) -> None:
     """Command line of stages/teacher.py and stages/baseline.py."""
-    from flowopd.spec import SpecError, load_spec
+    from flowopd.spec import load_spec_or_exit
 
     parser = argparse.ArgumentParser(prog=f"stages/{phase}.py", description=f"run the {phase} phase of a spec")
     parser.add_argument("--spec", required=True, type=Path, help="spec YAML file")
@@ -460,10 +460,7 @@ def stage_main(phase: str, argv: list[str] | None = None) -> None:
     parser.add_argument("--curve", type=Path, help="also write the training curve here (DVC plots)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    try:
-        spec = load_spec(args.spec)
-    except SpecError as error:
-        raise SystemExit(str(error)) from None
+    spec = load_spec_or_exit(args.spec)
     if phase == "teacher":
         if args.teacher not in spec.teachers:
             raise SystemExit(f"unknown teacher {args.teacher!r}; the spec has {', '.join(spec.teachers)}")

@@ -121,7 +121,7 @@ def stage_main(phase: str, argv: list[str] | None = None) -> None:
     """Command line of the thin `stages/<phase>.py` entry points that dvc.yaml runs."""
     import argparse
 
-    from flowopd.spec import SpecError, load_spec
+    from flowopd.spec import load_spec_or_exit
 
     parser = argparse.ArgumentParser(prog=f"stages/{phase}.py", description=f"run the {phase} phase of a spec")
     parser.add_argument("--spec", required=True, type=Path, help="spec YAML file")
@@ -135,10 +135,7 @@ def stage_main(phase: str, argv: list[str] | None = None) -> None:
         parser.add_argument("--curve", type=Path, help="also write the loss curve here (DVC plots)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    try:
-        spec = load_spec(args.spec)
-    except SpecError as error:
-        raise SystemExit(str(error)) from None
+    spec = load_spec_or_exit(args.spec)
     progress = not args.no_progress
     warn_if_stale(spec, phase, args.out)
     if phase == "data":

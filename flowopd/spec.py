@@ -843,6 +843,14 @@ def load_spec(path: str | os.PathLike) -> Spec:
     return _validate(data, origins)
 
 
+def load_spec_or_exit(path: str | os.PathLike) -> Spec:
+    """load_spec for command lines: the problems, one per line, as the exit message (no traceback)."""
+    try:
+        return load_spec(path)
+    except SpecError as error:
+        raise SystemExit(str(error)) from None
+
+
 def json_schema() -> dict:
     """JSON Schema for editors. `required` is kept only for kind / method, so partial files that use `extends`
     validate too; `flowopd spec validate` checks the rest."""
