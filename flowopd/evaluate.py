@@ -16,8 +16,8 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from flowopd.artifacts import write_json
-from flowopd.data import read_prompts
-from flowopd.rewards import get_reward
+from flowopd.data import read_prompts, world_config
+from flowopd.rewards import task_reward
 from flowopd.sampling import sample
 
 
@@ -68,7 +68,7 @@ def evaluate(bundle, spec, prompts_folder: Path, out: Path, progress: bool = Tru
     for task_name in evaluation.benchmarks:
         task = spec.tasks[task_name]
         prompts = read_prompts(prompts_folder, task_name, "test")[: evaluation.n_prompts]
-        reward = get_reward(task.reward)
+        reward = task_reward(task, world_config(spec))  # the trainers' reward, in the spec's world
         per_seed: dict[str, list[float]] = {}
         bar = tqdm(total=len(prompts) * len(evaluation.seeds), desc=f"eval {task_name}", disable=not progress)
         for seed in evaluation.seeds:

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from flowopd.artifacts import atomic_folder, canonical_hash, now, sha256_file, write_provenance
 from flowopd.models.base import Condition
+from flowopd.phases import baseline_sub_spec, teacher_sub_spec
 from flowopd.sampling import Trajectory, sample
 from flowopd.sde import step_kl
 from flowopd.training import (
@@ -326,29 +327,6 @@ def train(trainer: GRPOTrainer, steps: int, checkpoints: Checkpoints | None = No
 
 
 # ---------------------------------------------------------------- phases: teacher and baseline
-def teacher_sub_spec(spec, name: str) -> dict:
-    """What a teacher depends on: seed, world, model, base (tiny), its task, its own settings (sampler resolved).
-
-    Not its name: two teachers with the same task and settings are one artifact.
-    """
-    teacher = spec.teachers[name]
-    data = spec.sections(*_model_sections(spec))
-    data["tasks"] = {teacher.task: spec.tasks[teacher.task].model_dump(mode="json")}
-    data["teacher"] = teacher.model_dump(mode="json")
-    return data
-
-
-def baseline_sub_spec(spec) -> dict:
-    """What the baseline depends on: seed, world, model, base (tiny), the weighted tasks, the baseline section."""
-    data = spec.sections(*_model_sections(spec), "baseline")
-    data["tasks"] = {task: spec.tasks[task].model_dump(mode="json") for task in spec.baseline.weights}
-    return data
-
-
-def _model_sections(spec) -> tuple[str, ...]:
-    return ("seed", "world", "model", "base") if spec.model.kind == "tiny" else ("seed", "world", "model")
-
-
 def load_bundle(spec, base_dir: Path | None):
     """The starting model: the tiny base artifact, or SD3 from its pretrained folder / hub id (GPU when present)."""
     if spec.model.kind == "tiny":
@@ -376,12 +354,12 @@ def run_teacher(spec, name: str, base_dir: Path | None, data_dir: Path, out: Pat
                 progress: bool = True) -> None:
     """Teacher `name`: single-reward GRPO on its task's train prompts from the base; writes `out` atomically."""
     from flowopd.data import read_prompts
-    from flowopd.rewards import get_reward
+    from flowopd.rewards import task_reward
 
     teacher = spec.teachers[name]
     task = spec.tasks[teacher.task]
     prompts = read_prompts(data_dir, teacher.task, "train")
-    reward = get_reward(task.reward, _world(spec))
+    reward = task_reward(task, _world(spec))
     _run_phase(spec, "teacher", teacher_sub_spec(spec, name), teacher.grpo, base_dir, out, curve_path, progress,
                prompts, np.zeros(len(prompts), dtype=int), [reward], [teacher.task], [1.0], "joint",
                {"teacher": name, "task": teacher.task})
@@ -391,7 +369,7 @@ def run_baseline(spec, base_dir: Path | None, data_dir: Path, out: Path, curve_p
                  progress: bool = True) -> None:
     """Mixed-reward GRPO on all weighted tasks' train prompts (zero-weight tasks are left out)."""
     from flowopd.data import read_prompts
-    from flowopd.rewards import get_reward
+    from flowopd.rewards import task_reward
 
     baseline = spec.baseline
     if baseline is None:
@@ -402,7 +380,7 @@ def run_baseline(spec, base_dir: Path | None, data_dir: Path, out: Path, curve_p
         task_prompts = read_prompts(data_dir, task, "train")
         prompts += task_prompts
         tasks += [k] * len(task_prompts)
-    rewards = [get_reward(spec.tasks[task].reward, _world(spec)) for task in names]
+    rewards = [task_reward(spec.tasks[task], _world(spec)) for task in names]
     weights = [baseline.weights[task] for task in names]
     _run_phase(spec, "baseline", baseline_sub_spec(spec), baseline.grpo, base_dir, out, curve_path, progress,
                prompts, np.array(tasks), rewards, names, weights, baseline.advantage, {"tasks": names})
@@ -425,8 +403,10 @@ def _run_phase(spec, phase, sub_spec, settings, base_dir, out, curve_path, progr
     base_sha = sha256_file(base_weights) if base_weights is not None and base_weights.exists() else None
     prompt_digest = hashlib.sha256("\n".join(p.text for p in prompts).encode()).hexdigest()
     lora = lora_settings(spec, settings)
+    # On CPU the tiny model's velocities of a sub-batch are bitwise those of the whole batch, so training on the
+    # kept groups only changes nothing but the time; SD3 on GPU keeps the sampling batch (method.md).
     trainer = GRPOTrainer(bundle, settings, prompts, prompt_tasks, rewards, names, weights, advantage=advantage,
-                          seed=spec.seed, lora=lora)
+                          seed=spec.seed, lora=lora, kept_rows_only=spec.model.kind == "tiny")
     fingerprint = canonical_hash({"sub_spec": sub_spec, "base_sha256": base_sha, "prompts": prompt_digest})
     checkpoints = Checkpoints(checkpoint_folder(out), fingerprint)
     curve = train(trainer, settings.steps, checkpoints, settings.checkpoint_every, progress, desc=f"{phase} {out.name}")

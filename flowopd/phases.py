@@ -11,13 +11,14 @@ import json
 import time
 from pathlib import Path
 
-from flowopd.artifacts import atomic_folder, now, sha256_file, write_json, write_provenance
+from flowopd.artifacts import atomic_folder, canonical_hash, now, sha256_file, write_json, write_provenance
 
 PHASE_SECTIONS = {
     "data": ("seed", "world", "tasks"),
     "base": ("seed", "world", "model", "base"),
     "eval": ("world", "tasks", "evaluation"),
 }
+MODEL_SECTIONS = {"tiny": ("seed", "world", "model", "base"), "sd3": ("seed", "world", "model")}
 
 
 def sub_spec(spec, phase: str) -> dict:
@@ -27,6 +28,58 @@ def sub_spec(spec, phase: str) -> dict:
 
 def sub_spec_hash(spec, phase: str) -> str:
     return spec.section_hash(*PHASE_SECTIONS[phase])
+
+
+# The training phases depend on parts of sections (one teacher, some tasks), so their sub-specs are built here, next
+# to each other: a stage key is the hash of its sub-spec, and a downstream sub-spec nests its inputs' sub-specs.
+def starting_model_sub_spec(spec) -> dict:
+    """What the starting model is: the tiny base's sections, or the sd3 model section."""
+    return spec.sections(*MODEL_SECTIONS[spec.model.kind])
+
+
+def teacher_sub_spec(spec, name: str) -> dict:
+    """A teacher: the starting model, its task, its own settings (sampler resolved). Not its name: two teachers
+    with the same task and settings are one artifact."""
+    teacher = spec.teachers[name]
+    return starting_model_sub_spec(spec) | {
+        "tasks": {teacher.task: spec.tasks[teacher.task].model_dump(mode="json")},
+        "teacher": teacher.model_dump(mode="json"),
+    }
+
+
+def baseline_sub_spec(spec) -> dict:
+    """The mixed-reward baseline: the starting model, the weighted tasks, the baseline section."""
+    return starting_model_sub_spec(spec) | {
+        "tasks": {task: spec.tasks[task].model_dump(mode="json") for task in spec.baseline.weights},
+        "baseline": spec.baseline.model_dump(mode="json"),
+    }
+
+
+def cold_start_sub_spec(spec) -> dict:
+    """The student's starting point: the starting model for `none`; else the teachers, the router, the method, and
+    for `sft` the tasks (their train prompts and rewards)."""
+    if spec.cold_start.method == "none":
+        return starting_model_sub_spec(spec)
+    tasks = spec.sections("tasks") if spec.cold_start.method == "sft" else {}
+    return starting_model_sub_spec(spec) | tasks | {
+        "teachers": {name: teacher_sub_spec(spec, name) for name in spec.teachers},
+        "router": spec.router.model_dump(mode="json"),
+        "cold_start": spec.cold_start.model_dump(mode="json"),
+    }
+
+
+def opd_sub_spec(spec) -> dict:
+    """The distilled student: its cold start, every teacher, all tasks (the training prompts), router, OPD, MAR."""
+    return {
+        "cold_start": cold_start_sub_spec(spec),
+        "teachers": {name: teacher_sub_spec(spec, name) for name in spec.teachers},
+        **spec.sections("tasks", "router", "opd", "mar"),
+    }
+
+
+def stage_key(sub_spec_data: dict) -> str:
+    """The 10-hex-digit key naming a stage and its artifact folder."""
+    return canonical_hash(sub_spec_data)[:10]
 
 
 def spec_identity(spec) -> dict:

@@ -18,19 +18,36 @@ from pathlib import Path
 
 import yaml
 
-from flowopd.phases import PHASE_SECTIONS, sub_spec_hash
+from flowopd.phases import (
+    MODEL_SECTIONS,
+    PHASE_SECTIONS,
+    baseline_sub_spec,
+    cold_start_sub_spec,
+    opd_sub_spec,
+    stage_key,
+    sub_spec_hash,
+    teacher_sub_spec,
+)
 from flowopd.spec import extends_chain, load_spec
 
 PIPELINE_SPECS = ("specs/*.yaml", "specs/ablations/*.yaml")  # specs/sd3/ are for GPU clusters, not dvc repro here
 CODE_DEPS = {
     "data": ["stages/data.py", "flowopd/phases.py", "flowopd/data.py", "flowopd/world"],
     "base": ["stages/base.py", "flowopd/phases.py", "flowopd/pretrain.py", "flowopd/models", "flowopd/world"],
-    "eval": ["stages/eval.py", "flowopd/phases.py", "flowopd/evaluate.py", "flowopd/sampling.py", "flowopd/sde.py", "flowopd/rewards",
-             "flowopd/models"],
+    "eval": ["stages/eval.py", "flowopd/phases.py", "flowopd/evaluate.py", "flowopd/data.py", "flowopd/sampling.py",
+             "flowopd/sde.py", "flowopd/rewards", "flowopd/models", "flowopd/world"],
+}
+TRAINING_DEPS = ["flowopd/phases.py", "flowopd/grpo.py", "flowopd/training.py", "flowopd/data.py", "flowopd/sampling.py",
+                 "flowopd/sde.py", "flowopd/rewards", "flowopd/models", "flowopd/world"]
+CODE_DEPS |= {
+    "teacher": ["stages/teacher.py", *TRAINING_DEPS],
+    "baseline": ["stages/baseline.py", *TRAINING_DEPS],
+    "cold_start": ["stages/cold_start.py", "flowopd/cold_start.py", "flowopd/router.py", *TRAINING_DEPS],
+    "opd": ["stages/opd.py", "flowopd/opd.py", "flowopd/cold_start.py", "flowopd/router.py", *TRAINING_DEPS],
 }
 LEDGER_DEPS = ["stages/ledger.py", "flowopd/ledger.py", "flowopd/artifacts.py"]
 REPORT_DEPS = ["stages/report.py", "flowopd/report.py", "flowopd/ledger.py"]
-REPORT_OUTS = ["reports/main_table.csv", "reports/main_table.md", "reports/README.md", "reports/plots",
+REPORT_OUTS = ["reports/main_table.csv", "reports/main_table.md", "reports/mar_table.md", "reports/README.md", "reports/plots",
                "reports/grids"]
 HEADER = (
     "# Generated from specs/ by `flowopd pipeline write` (make repro runs it). Do not edit by hand:\n"
@@ -43,68 +60,120 @@ def pipeline_specs(root: Path) -> list[str]:
     return [p for pattern in PIPELINE_SPECS for p in sorted(glob.glob(pattern, root_dir=root))]
 
 
-def spec_params(root: Path, spec_path: str, sections: tuple[str, ...]) -> list[dict]:
-    """DVC params: for each file of the extends chain, the phase's top-level keys that file sets."""
+def spec_params(root: Path, spec_path: str, keys: tuple[str, ...]) -> list[dict]:
+    """DVC params: for each file of the extends chain, the keys (`section` or `section.entry`) that file sets."""
     params = []
     for file, raw in extends_chain(root / spec_path):
-        keys = [s for s in sections if s in raw]
-        if keys:
-            params.append({os.path.relpath(file, root): keys})
+        present = [k for k in keys if _sets(raw, k)]
+        if present:
+            params.append({os.path.relpath(file, root): present})
     return params
+
+
+def _sets(raw: dict, dotted: str) -> bool:
+    head, _, rest = dotted.partition(".")
+    return head in raw and (not rest or (isinstance(raw[head], dict) and rest in raw[head]))
+
+
+class _Builder:
+    """Collects stages across specs; a stage already added by an earlier spec is shared, not repeated."""
+
+    def __init__(self, root: Path):
+        self.root, self.stages = root, {}
+        self.shards: dict[str, str] = {}  # eval out -> the model folder it evaluated (the ledger reads its curve)
+
+    def add(self, name: str, stage: dict, spec_path: str, param_keys: tuple[str, ...]) -> None:
+        if name not in self.stages:
+            self.stages[name] = {**stage, "params": spec_params(self.root, spec_path, param_keys)}
+
+    def train(self, phase: str, key: str, name: str, spec_path: str, args: str, param_keys, deps: list[str]) -> str:
+        """A training stage writing artifacts/<phase>/<key> and its curve; returns the artifact folder."""
+        out, curve = f"artifacts/{phase}/{key}", f"reports/curves/{phase}-{key}.csv"
+        cmd = " ".join(part for part in (f"python stages/{phase}.py --spec {spec_path}", args, f"--out {out}") if part)
+        stage = {"cmd": cmd, "deps": deps, "outs": [out]}
+        if phase != "cold_start":
+            stage["cmd"] += f" --curve {curve}"
+            stage["plots"] = [{curve: {"cache": False, "x": "step", "y": "loss" if phase == "base" else "reward"}}]
+        self.add(name, stage, spec_path, param_keys)
+        return out
+
+    def evaluate(self, spec_path: str, model_key: str, label: str, model_dir: str, data_dir: str, eval_key: str):
+        name, out = f"eval-{model_key}-{eval_key}", f"artifacts/eval/{model_key}-{eval_key}"
+        self.add(name, {
+            "cmd": f"python stages/eval.py --spec {spec_path} --model {model_dir} --data {data_dir} "
+                   f"--label {label} --out {out} --metrics reports/metrics/{name}.json",
+            "deps": [*CODE_DEPS["eval"], model_dir, data_dir],
+            "outs": [out],
+            "metrics": [{f"reports/metrics/{name}.json": {"cache": False}}],
+        }, spec_path, PHASE_SECTIONS["eval"])
+        self.shards[out] = model_dir
 
 
 def build(root: Path = Path(".")) -> dict:
     """The dvc.yaml mapping for every pipeline spec under `root`."""
     root = Path(root)
-    stages: dict[str, dict] = {}
-    shards: dict[str, str] = {}  # eval out -> the model folder it evaluated (the ledger reads its curve)
-
-    def add(name: str, stage: dict, params: list[dict]) -> None:
-        stages.setdefault(name, {**stage, "params": params})  # a later spec with the same sections shares it
-
+    b = _Builder(root)
     for spec_path in pipeline_specs(root):
         spec = load_spec(root / spec_path)
         keys = {phase: sub_spec_hash(spec, phase)[:10] for phase in PHASE_SECTIONS}
-        params = {phase: spec_params(root, spec_path, sections) for phase, sections in PHASE_SECTIONS.items()}
         data_dir = f"artifacts/data/{keys['data']}"
-        add(f"data-{keys['data']}", {
+        b.add(f"data-{keys['data']}", {
             "cmd": f"python stages/data.py --spec {spec_path} --out {data_dir}",
             "deps": CODE_DEPS["data"],
             "outs": [data_dir],
-        }, params["data"])
-        models = {}
+        }, spec_path, PHASE_SECTIONS["data"])
+        models = {}  # model key -> (report label, artifact folder)
+        start_keys = MODEL_SECTIONS[spec.model.kind]
+        base_dir, base_arg, base_deps = None, "", []
         if spec.model.kind == "tiny":
-            base_dir = f"artifacts/base/{keys['base']}"
-            add(f"base-{keys['base']}", {
-                "cmd": f"python stages/base.py --spec {spec_path} --out {base_dir} "
-                       f"--curve reports/curves/base-{keys['base']}.csv",
-                "deps": CODE_DEPS["base"],
-                "outs": [base_dir],
-                "plots": [{f"reports/curves/base-{keys['base']}.csv": {"cache": False, "x": "step", "y": "loss"}}],
-            }, params["base"])
+            base_dir = b.train("base", keys["base"], f"base-{keys['base']}", spec_path, "",
+                               PHASE_SECTIONS["base"], CODE_DEPS["base"])
+            base_arg, base_deps = f"--base {base_dir} ", [base_dir]
             models[f"base-{keys['base']}"] = ("base", base_dir)
+        inputs = f"{base_arg}--data {data_dir}"
+        teacher_dirs = {}
+        for name, teacher in spec.teachers.items():
+            key = stage_key(teacher_sub_spec(spec, name))
+            params = (*start_keys, "sampler", f"tasks.{teacher.task}", f"teachers.{name}")
+            teacher_dirs[name] = b.train("teacher", key, f"teacher-{teacher.task}-{key}", spec_path,
+                                         f"--teacher {name} {inputs}", params,
+                                         [*CODE_DEPS["teacher"], *base_deps, data_dir])
+            models[f"teacher-{key}"] = (f"teacher:{name}", teacher_dirs[name])
+        if spec.baseline is not None:
+            key = stage_key(baseline_sub_spec(spec))
+            tasks = tuple(f"tasks.{task}" for task in spec.baseline.weights)
+            out = b.train("baseline", key, f"baseline-{key}", spec_path, inputs,
+                          (*start_keys, "sampler", *tasks, "baseline"), [*CODE_DEPS["baseline"], *base_deps, data_dir])
+            models[f"baseline-{key}"] = ("mixed_grpo", out)
+        if teacher_dirs:
+            teacher_args = " ".join(f"--teacher {name}={folder}" for name, folder in teacher_dirs.items())
+            teacher_deps = sorted(set(teacher_dirs.values()))
+            trained = (*start_keys, "sampler", "tasks", "teachers", "router")
+            init_dir = base_dir
+            if spec.cold_start.method != "none":
+                key = stage_key(cold_start_sub_spec(spec))
+                init_dir = b.train("cold_start", key, f"cold_start-{key}", spec_path, f"{inputs} {teacher_args}",
+                                   (*trained, "cold_start"), [*CODE_DEPS["cold_start"], *base_deps, data_dir,
+                                                              *teacher_deps])
+            key = stage_key(opd_sub_spec(spec))
+            out = b.train("opd", key, f"opd-{key}", spec_path, f"{inputs} {teacher_args} --init {init_dir}",
+                          (*trained, "cold_start", "opd", "mar"),
+                          [*CODE_DEPS["opd"], *base_deps, data_dir, *teacher_deps, init_dir])
+            models[f"opd-{key}"] = (spec.label, out)
         for model_key, (label, model_dir) in models.items():
-            name = f"eval-{model_key}-{keys['eval']}"
-            out = f"artifacts/eval/{model_key}-{keys['eval']}"
-            add(name, {
-                "cmd": f"python stages/eval.py --spec {spec_path} --model {model_dir} --data {data_dir} "
-                       f"--label {label} --out {out} --metrics reports/metrics/{name}.json",
-                "deps": [*CODE_DEPS["eval"], model_dir, data_dir],
-                "outs": [out],
-                "metrics": [{f"reports/metrics/{name}.json": {"cache": False}}],
-            }, params["eval"])
-            shards[out] = model_dir
-    if shards:
-        listed = " ".join(shards)
+            b.evaluate(spec_path, model_key, label, model_dir, data_dir, keys["eval"])
+    stages = b.stages
+    if b.shards:
+        listed = " ".join(b.shards)
         # The ledger keeps history across runs (persist), and is rebuilt from shards if lost (no DVC cache).
         stages["ledger"] = {
             "cmd": f"python stages/ledger.py --db reports/ledger.duckdb {listed}",
-            "deps": [*LEDGER_DEPS, *shards, *sorted(set(shards.values()))],
+            "deps": [*LEDGER_DEPS, *b.shards, *sorted(set(b.shards.values()))],
             "outs": [{"reports/ledger.duckdb": {"persist": True, "cache": False}}],
         }
         stages["report"] = {
             "cmd": f"python stages/report.py --db reports/ledger.duckdb --out reports {listed}",
-            "deps": [*REPORT_DEPS, "reports/ledger.duckdb", *shards],
+            "deps": [*REPORT_DEPS, "reports/ledger.duckdb", *b.shards],
             "outs": [{path: {"cache": False}} for path in REPORT_OUTS],
         }
     return {"stages": stages}

@@ -44,6 +44,13 @@ LATEST_SQL = """
 SELECT run_id FROM runs WHERE phase = 'eval' AND spec_hash = ?
 QUALIFY row_number() OVER (PARTITION BY model ORDER BY finished DESC NULLS LAST, run_id) = 1
 """
+# Every metric of the given eval runs, mean over seeds.
+BENCHMARK_SQL = """
+SELECT r.model, m.benchmark, m.metric, avg(m.value) AS mean
+FROM runs r JOIN metrics m ON m.run_id = r.run_id
+WHERE r.run_id IN (SELECT run_id FROM wanted)
+GROUP BY r.model, m.benchmark, m.metric
+"""
 CURVES_SQL = """
 SELECT r.phase, r.model, c.key, c.step, c.value
 FROM runs r JOIN curves c ON c.run_id = r.run_id
@@ -189,6 +196,30 @@ def markdown_table(table: pl.DataFrame, summary: pl.DataFrame, values: pl.DataFr
     ])
 
 
+def quality_table(con, run_ids: list[str], benchmark: str) -> str:
+    """The MAR table: every metric of the quality benchmark per model (mean over seeds), the models with and
+    without MAR side by side (a one-line note when no run has that benchmark)."""
+    import polars as pl
+
+    con.register("wanted", pl.DataFrame({"run_id": run_ids}, schema={"run_id": pl.String}))
+    try:
+        rows = con.sql(BENCHMARK_SQL).pl().filter(pl.col("benchmark") == benchmark).drop("benchmark")
+    finally:
+        con.unregister("wanted")
+    if rows.is_empty():
+        return f"# MAR table\n\nNo evaluated model has a `{benchmark}` benchmark.\n"
+    wide = rows.pivot(on="metric", index="model", values="mean")
+    metrics = sorted(c for c in wide.columns if c != "model")
+    lines = [f"# MAR table: the `{benchmark}` benchmark, every metric", "",
+             "| model | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    for row in sorted(wide.iter_rows(named=True), key=lambda r: model_order(r["model"])):
+        lines.append(f"| {row['model']} | " + " | ".join(_fmt(row[m]) for m in metrics) + " |")
+    lines += ["", ("Mean over evaluation seeds. Manifold Anchor Regularisation (MAR) keeps the student's steps near "
+                   "the anchor's; compare `flow_opd` with `flow_opd:no_mar` (lambda 0) and `flow_opd:anchor_base` "
+                   "(anchor = base)."), ""]
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------- writing atomically
 def _pyplot():
     import matplotlib
@@ -246,7 +277,8 @@ def plot_curves(curves: pl.DataFrame, phase: str, path: Path) -> None:
     plt.close(figure)
 
 
-def _readme(tasks_table: str, phases: list[str], grids: dict[str, dict[str, str]], tasks: list[str]) -> str:
+def _readme(tasks_table: str, phases: list[str], grids: dict[str, dict[str, str]], tasks: list[str],
+            mar: str) -> str:
     columns = tasks + sorted({t for g in grids.values() for t in g} - set(tasks))
     grid_table = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for model in sorted(grids, key=model_order):
@@ -260,6 +292,7 @@ def _readme(tasks_table: str, phases: list[str], grids: dict[str, dict[str, str]
         ("- [main_table.md](main_table.md) / [main_table.csv](main_table.csv): one row per model, the headline "
          "metric per task (mean over seeds; Markdown: mean ± std) and the normalised average `avg`."),
         "- [plots/tasks.png](plots/tasks.png): per-task bars per model, error bars the std over seeds.",
+        "- [mar_table.md](mar_table.md): every metric of the quality benchmark per model, with and without MAR.",
         *[f"- [plots/curves_{p}.png](plots/curves_{p}.png): training curves of the {p} phase, one line per model "
           "(faint: raw, solid: running mean)." for p in phases],
         ("- `ledger.duckdb`: every run ever ingested (tables runs, benchmarks, metrics, curves, artifacts), e.g. "
@@ -274,11 +307,13 @@ def _readme(tasks_table: str, phases: list[str], grids: dict[str, dict[str, str]
         tasks_table.replace("# Main table", "## Main table", 1),
         "![tasks](plots/tasks.png)",
         "",
+        mar.replace("# MAR table", "## MAR table", 1),
     ]
     return "\n".join(lines)
 
 
-def build(shards: list[str | Path], db: str | Path = DEFAULT_DB, out: str | Path = DEFAULT_OUT) -> pl.DataFrame:
+def build(shards: list[str | Path], db: str | Path = DEFAULT_DB, out: str | Path = DEFAULT_OUT,
+          quality_benchmark: str = "quality") -> pl.DataFrame:
     """Write the report of the current eval shards into `out`; returns the main table."""
     import polars as pl
 
@@ -290,6 +325,7 @@ def build(shards: list[str | Path], db: str | Path = DEFAULT_DB, out: str | Path
         if missing:
             raise LedgerError(f"not in the ledger {db}, ingest first: " + ", ".join(missing))
         values = headline_values(con, list(run_of))
+        mar = quality_table(con, values["run_id"].unique().to_list(), quality_benchmark)
         parents = values["parent_run_id"].drop_nulls().unique().to_list()
         con.register("wanted", pl.DataFrame({"run_id": parents}, schema={"run_id": pl.String}))
         curves = con.sql(CURVES_SQL).pl()
@@ -299,6 +335,7 @@ def build(shards: list[str | Path], db: str | Path = DEFAULT_DB, out: str | Path
     markdown = markdown_table(table, summary, values)
     write_text(out / "main_table.csv", table.write_csv(float_precision=6))
     write_text(out / "main_table.md", markdown)
+    write_text(out / "mar_table.md", mar)
     phases = sorted(curves["phase"].unique().to_list())
     with atomic_folder(out / "plots") as folder:
         plot_tasks(summary, tasks, models, folder / "tasks.png")
@@ -314,7 +351,7 @@ def build(shards: list[str | Path], db: str | Path = DEFAULT_DB, out: str | Path
                 grids.setdefault(model, {})[task] = name
     for folder in (out / "plots", out / "grids"):  # atomic_folder's temp folders are private
         os.chmod(folder, 0o777 & ~UMASK)
-    write_text(out / "README.md", _readme(markdown, phases, grids, tasks))
+    write_text(out / "README.md", _readme(markdown, phases, grids, tasks, mar))
     return table
 
 

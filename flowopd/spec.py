@@ -26,7 +26,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 # ---------------------------------------------------------------- field types (strict: YAML `true` is not 1)
@@ -214,6 +222,62 @@ class FilePrompts(Section):
 PromptSource = Annotated[TinyPrompts | FilePrompts, Field(discriminator="kind")]
 
 
+# ---------------------------------------------------------------- reward settings (GPU-scale scorers)
+class OCRSettings(Section):
+    """Tesseract on generated images of any size (SD3 scale): the greyscale image as is, Tesseract's own
+    binarisation, target = the prompt's first double-quoted span (Flow-GRPO's OCR prompts: 'A sign that says "..."').
+    Absent: the tiny world's reader (binarised ink, upscaled, the world's alphabet as whitelist)."""
+
+    page_mode: Literal["auto", "sparse_text", "single_block", "single_line"] = "auto"
+    """Tesseract page segmentation (auto: full layout analysis; sparse_text missed large text on a sign here)."""
+    whitelist: Annotated[str, Field(min_length=1)] | None = None
+    """Characters Tesseract may read; null: any."""
+
+
+class PickScoreSettings(Section):
+    """PickScore (Kirstain et al. 2023): a CLIP fine-tuned on Pick-a-Pic human preferences;
+    score = logit_scale * cos(image embedding, text embedding); SD3.5-M scores about 21.6 (the paper divides by 26)."""
+
+    model: Annotated[str, Field(min_length=1)]
+    """Folder of the transformers CLIPModel (yuvalkirstain/PickScore_v1 downloaded), or a hub id when online."""
+    processor: Annotated[str, Field(min_length=1)] | None = None
+    """Folder of its CLIPProcessor (laion/CLIP-ViT-H-14-laion2B-s32B-b79K); null: the model folder."""
+    batch_size: PositiveInt = 32
+    dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+
+
+class RemoteSettings(Section):
+    """An external reward server (GenEval, DeQA, ... as Flow-GRPO runs them), spoken to in flowopd's JSON protocol
+    (flowopd/rewards/remote.py): POST {"images": [base64 PNG], "prompts": [...], "metadata": [...]},
+    answer {metric: [one number per image], ...}."""
+
+    url: Annotated[str, Field(pattern=r"^https?://[^\s/]+")]
+    metrics: Annotated[tuple[Annotated[str, Field(min_length=1)], ...], Field(min_length=1)] = ("score",)
+    """Keys the server returns; "score" (the training reward) among them."""
+    timeout: PositiveFloat = 120.0
+    """Seconds to wait for one request (Flow-GRPO: 120)."""
+    retries: NonNegInt = 3
+    """Further attempts after a failed request (connection error, timeout, HTTP 5xx or 429)."""
+    backoff: NonNegFloat = 1.0
+    """Seconds before the first retry, doubled before each next one."""
+    batch_size: PositiveInt = 64
+    """Images per request (Flow-GRPO: 64)."""
+
+    _check_unique = field_validator("metrics")(_unique)
+
+    @field_validator("metrics")
+    @classmethod
+    def _has_score(cls, value):
+        if "score" not in value:
+            raise ValueError('must include "score" (the key the trainers optimise)')
+        return value
+
+
+REWARD_SETTINGS = ("ocr", "pickscore", "remote")  # Task fields: settings of the reward of the same name
+NEEDS_SETTINGS = ("pickscore", "remote")  # rewards that cannot run without their settings
+TINY_WORLD_REWARDS = ("objects", "quality")  # score the tiny world's palette renders only
+
+
 class Task(Section):
     """A prompt set with its reward; its benchmark is the test split scored by `metric`."""
 
@@ -223,14 +287,41 @@ class Task(Section):
     """Headline metric key of the reward's output (objects: strict, ocr: score or exact)."""
     normaliser: PositiveFloat = 1.0
     """Avg = mean over tasks of metric / normaliser (the paper divides DeQA by 5, PickScore by 26)."""
+    ocr: OCRSettings | None = None
+    """reward ocr: read SD3-scale images (absent: the tiny world's reader)."""
+    pickscore: PickScoreSettings | None = None
+    """reward pickscore: where its CLIP model lives (required)."""
+    remote: RemoteSettings | None = None
+    """reward remote: the server and its metrics (required)."""
+
+    @model_validator(mode="after")
+    def _settings_match_reward(self):
+        for name in REWARD_SETTINGS:
+            if getattr(self, name) is not None and name != self.reward:
+                raise ValueError(f"`{name}` settings given but reward is {self.reward!r}")
+        if self.reward in NEEDS_SETTINGS and getattr(self, self.reward) is None:
+            raise ValueError(f"reward {self.reward!r} needs its settings: add a `{self.reward}` mapping")
+        return self
 
     @model_validator(mode="after")
     def _metric_exists(self):
         known = REWARD_METRICS[self.reward]
+        if self.reward == "remote" and self.remote is not None:
+            known = self.remote.metrics
         if known is not None and self.metric not in known:
             known = ", ".join(known)
             raise ValueError(f"reward {self.reward!r} has no metric {self.metric!r} (it has: {known})")
         return self
+
+    @model_serializer(mode="wrap")
+    def _omit_absent_settings(self, handler):
+        """Unset reward settings are left out of the dump, so specs written before they existed keep their hash."""
+        data = handler(self)
+        return {k: v for k, v in data.items() if not (k in REWARD_SETTINGS and v is None)}
+
+    def reward_settings(self):
+        """The settings of this task's reward (None for the tiny world's rewards)."""
+        return getattr(self, self.reward) if self.reward in REWARD_SETTINGS else None
 
 
 # ---------------------------------------------------------------- training phases
@@ -504,6 +595,17 @@ def cross_field_problems(spec: Spec) -> list[tuple[tuple, str]]:
     if isinstance(spec.model, TinyModel):
         expect(spec.world.canvas % spec.model.patch_size == 0, ("model", "patch_size"),
                f"patch_size {spec.model.patch_size} does not divide world.canvas {spec.world.canvas}")
+    for name, task in spec.tasks.items():
+        tiny_prompts = isinstance(task.prompts, TinyPrompts)
+        if isinstance(spec.model, SD3Model):
+            expect(task.reward not in TINY_WORLD_REWARDS, ("tasks", name, "reward"),
+                   f"reward {task.reward!r} scores the tiny world's renders; an sd3 spec uses ocr, pickscore or remote")
+        expect(task.reward != "objects" or tiny_prompts, ("tasks", name, "reward"),
+               "reward 'objects' needs the tiny world's structured prompts (prompts.kind tiny)")
+        if task.reward == "ocr" and task.ocr is None:
+            expect(tiny_prompts and isinstance(spec.model, TinyModel), ("tasks", name, "ocr"),
+                   "the tiny world's OCR reader reads only tiny renders of tiny prompts; "
+                   "add `ocr: {}` for the scene reader")
     for name, teacher in spec.teachers.items():
         expect(name not in RESERVED, ("teachers", name),
                f"{name!r} is reserved (router.default and mar.anchor give it a meaning)")

@@ -33,7 +33,8 @@ def test_specs_that_agree_on_a_phase_share_its_stage(tmp_path):
     stages = pipeline.build(tree)["stages"]
     assert len(stage_names(tree, "data")) == 1  # no spec changes seed / world / tasks
     assert len(stage_names(tree, "base")) == 2  # other_base alone differs
-    assert len(stage_names(tree, "eval")) == 3  # main, other_eval on the main base, other_base's base
+    assert len(stage_names(tree, "eval-base")) == 3  # main, other_eval on the main base, other_base's base
+    assert len(stage_names(tree, "teacher")) == 6  # three teachers per base
     shared = next(s for s in stages.values() if s["cmd"].startswith("python stages/base.py --spec specs/flow_opd"))
     files = {f for entry in shared["params"] for f in entry}
     assert files == {"specs/flow_opd.yaml"}  # adding a spec that shares the stage must not rerun it
@@ -58,7 +59,37 @@ def test_editing_the_base_rekeys_base_and_everything_downstream(tmp_path):
     spec.write_text(text.replace("  lr: 2.0e-3\n  warmup:", "  lr: 1.0e-3\n  warmup:", 1))
     after = pipeline.build(tree)["stages"]
     assert stage_names(tree, "data") <= set(before)  # data untouched
-    assert not ({n for n in after if n.startswith(("base-", "eval-"))} & set(before))
+    downstream = {n for n in after if not n.startswith("data-") and n not in ("ledger", "report")}
+    assert {n.split("-")[0] for n in downstream} == {"base", "teacher", "baseline", "cold_start", "opd", "eval"}
+    assert not downstream & set(before)
+
+
+def test_an_ablation_reruns_only_what_it_changes(tmp_path):
+    tree = make_tree(tmp_path, no_mar="label: no_mar\nmar: {weight: 0.0}\n",
+                     sft="label: sft\ncold_start: {method: sft, steps: 3}\n")
+    stages = pipeline.build(tree)["stages"]
+    for phase, count in [("base", 1), ("teacher", 3), ("baseline", 1), ("cold_start", 2), ("opd", 3)]:
+        assert len(stage_names(tree, phase)) == count, phase
+    opd = {s["cmd"].split("--spec ")[1].split()[0]: s for n, s in stages.items() if n.startswith("opd-")}
+    merged = opd["specs/flow_opd.yaml"]["cmd"].split("--init ")[1].split()[0]
+    assert opd["specs/ablations/no_mar.yaml"]["cmd"].split("--init ")[1].split()[0] == merged  # shared cold start
+    assert opd["specs/ablations/sft.yaml"]["cmd"].split("--init ")[1].split()[0] != merged
+    labels = {s["cmd"].split("--label ")[1].split()[0] for n, s in stages.items() if n.startswith("eval-")}
+    assert labels == {"base", "teacher:text", "teacher:objects", "teacher:quality", "mixed_grpo", "flow_opd",
+                      "no_mar", "sft"}
+
+
+def test_editing_one_teacher_leaves_the_others(tmp_path):
+    tree = make_tree(tmp_path, text_lr="teachers: {text: {grpo: {lr: 1.0e-4}}}\n")
+    stages = pipeline.build(tree)["stages"]
+    assert len(stage_names(tree, "teacher-text")) == 2
+    assert len(stage_names(tree, "teacher-objects")) == len(stage_names(tree, "teacher-quality")) == 1
+    assert len(stage_names(tree, "baseline")) == 1 and len(stage_names(tree, "cold_start")) == 2
+    text = next(s for s in stages.values() if s["cmd"].startswith("python stages/teacher.py --spec specs/ablations"))
+    assert text["params"] == [
+        {"specs/flow_opd.yaml": ["seed", "world", "model", "base", "sampler", "tasks.text", "teachers.text"]},
+        {"specs/ablations/text_lr.yaml": ["teachers.text"]},
+    ]
 
 
 def test_params_come_from_every_file_of_the_extends_chain(tmp_path):

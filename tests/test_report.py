@@ -94,6 +94,17 @@ def test_plots_grids_and_readme(pipeline):
         assert f"]({target})" in readme
 
 
+def test_mar_table_lists_every_quality_metric_per_model(pipeline):
+    db, current, out = pipeline
+    build(current, db, out)
+    lines = (out / "mar_table.md").read_text().splitlines()
+    assert lines[2] == "| model | score |"
+    rows = [line for line in lines if line.startswith("| ") and not line.startswith("| model")]
+    assert rows == ["| base | 2.500 |", "| teacher:objects | 1.000 |", "| teacher:text | 1.000 |",
+                    "| flow_opd | 4.000 |", "| flow_opd:no_mar | 3.000 |"]  # mixed_grpo has no quality benchmark
+    assert "## MAR table" in (out / "README.md").read_text()
+
+
 def test_build_refuses_shards_missing_from_the_ledger(pipeline, tmp_path, capsys):
     db, current, out = pipeline
     late = make_shard(tmp_path / "artifacts/eval/late", "flow_opd:late")

@@ -197,3 +197,56 @@ def test_lora_adapters_share_one_frozen_base(bundle):
         bundle.set_adapter("nobody")
     with pytest.raises(ValueError, match="unexpected"):
         bundle.load_adapter_state_dict("student", {"not.a.lora_A.weight": torch.zeros(1)})
+
+
+def merged_transformer(bundle, name):
+    """A plain transformer whose weights are base + (alpha / r) B A of adapter `name`: the copy plan's teacher."""
+    config = bundle.transformer.peft_config[name]
+    scale = config.lora_alpha / config.r
+    base = {k.replace(".base_layer", ""): v.detach().clone() for k, v in bundle.transformer.state_dict().items()
+            if "lora_" not in k}
+    lora = bundle.adapter_state_dict(name)
+    for key, a in lora.items():
+        if ".lora_A." in key:
+            module = key.split(".lora_A.")[0]
+            base[f"{module}.weight"] += scale * lora[f"{module}.lora_B.weight"] @ a
+    plain = SD3Transformer2DModel.from_config(bundle.transformer.config)
+    plain.load_state_dict(base)
+    return plain.eval()
+
+
+def test_adapter_velocities_are_separate_fields_on_one_base():
+    bundle = tiny_sd3_bundle()
+    cond = bundle.encode(['a sign that says "KO"', "a photo of two red circles"])
+    x = torch.randn(2, *bundle.latent_shape, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        v_plain = bundle.adapter_velocity(None)(x, 0.6, cond, 4.5)  # no adapters yet: the base
+    torch.manual_seed(3)
+    for name in ("teacher_a", "teacher_b", "student"):
+        bundle.add_lora(name, rank=4, alpha=8, trainable=name == "student")
+    with torch.no_grad():
+        for n, p in bundle.transformer.named_parameters():
+            if "lora_B" in n and ".student." not in n:
+                p.copy_(0.3 * torch.randn_like(p))
+    bundle.set_adapter("student")
+    fields = {name: bundle.adapter_velocity(name) for name in ("teacher_a", "teacher_b", None)}
+    with torch.no_grad():
+        v = {name: field(x, 0.6, cond, 4.5) for name, field in fields.items()}
+        assert bundle.active_adapter == "student"  # every call restores the active adapter
+        assert not torch.allclose(v["teacher_a"], v["teacher_b"], atol=1e-3)
+        torch.testing.assert_close(v[None], v_plain)
+        for name in ("teacher_a", "teacher_b"):  # each field equals a full merged copy of that teacher
+            copy_v = bundle.velocity(x, 0.6, cond, 4.5, transformer=merged_transformer(bundle, name))
+            torch.testing.assert_close(v[name], copy_v, rtol=1e-4, atol=1e-4)
+    # the student trains between teacher calls: its graph survives the switches, teachers get no gradient
+    v_student = bundle.adapter_velocity("student")(x, 0.6, cond, 4.5)
+    with torch.no_grad():
+        target = fields["teacher_a"](x, 0.6, cond, 4.5)
+    (v_student - target).square().mean().backward()
+    grads = [n for n, p in bundle.transformer.named_parameters() if p.grad is not None]
+    assert grads and all(".student." in n for n in grads)
+    bundle.set_adapter(None)
+    bundle.adapter_velocity("teacher_b")(x, 0.6, cond)
+    assert bundle.active_adapter is None
+    with pytest.raises(KeyError, match="no adapter 'nobody'"):
+        bundle.adapter_velocity("nobody")

@@ -8,6 +8,7 @@ frozen base transformer and the active one is switched per routed group (`set_ad
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import numpy as np
@@ -183,13 +184,58 @@ class SD3Bundle:
     def set_adapter(self, name: str | None) -> None:
         """Make `name` the active adapter; None runs the bare base model (e.g. the KL reference)."""
         if name is None:
-            self._keep_requires_grad(self.transformer.disable_adapters)
+            if self.adapters:  # no adapters at all: the base runs already
+                self._keep_requires_grad(self.transformer.disable_adapters)
             return
         if name not in self.adapters:
             raise KeyError(f"no adapter {name!r}; have {self.adapters}")
         self._keep_requires_grad(
             lambda: (self.transformer.enable_adapters(), self.transformer.set_adapter(name))
         )
+
+    @property
+    def active_adapter(self) -> str | None:
+        """The adapter the transformer runs now; None: the bare base (no adapters, or adapters disabled)."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for module in self.transformer.modules():
+            if isinstance(module, BaseTunerLayer):
+                if module.disable_adapters:
+                    return None
+                active = module.active_adapters
+                return active[0] if active else None
+        return None
+
+    @contextlib.contextmanager
+    def using_adapter(self, name: str | None):
+        """Run the block with adapter `name` active (None: the bare base), then restore the previous one."""
+        previous = self.active_adapter
+        self.set_adapter(name)
+        try:
+            yield self
+        finally:
+            self.set_adapter(previous)
+
+    def adapter_velocity(self, name: str | None):
+        """velocity(x, sigma, cond, cfg=1.0) of one adapter (None: the bare base) as its own velocity field.
+
+        The memory plan: student, teachers and the MAR anchor as LoRA adapters on ONE frozen base instead of a full
+        transformer copy each (the reference code's cost: ~4.9 GB bf16 per SD3.5-M copy against ~38 MB per r-32
+        adapter, see benchmarks/bench_memory.py). Each call activates `name`, runs the bundle's velocity and
+        restores the previously active adapter, so the student's adapter stays active (and trainable) between the
+        teacher's and anchor's evaluations. Autograd is untouched: a velocity computed under the student's
+        adapter keeps its graph after the switch; under a frozen adapter or the base it simply has no trainable
+        inputs. Not thread-safe (one active adapter per transformer).
+        """
+        if name is not None and name not in self.adapters:
+            raise KeyError(f"no adapter {name!r}; have {self.adapters}")
+
+        def velocity(x, sigma, cond: Condition, cfg: float = 1.0) -> torch.Tensor:
+            with self.using_adapter(name):
+                return self.velocity(x, sigma, cond, cfg)
+
+        velocity.adapter = name
+        return velocity
 
     def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
         return get_peft_model_state_dict(self.transformer, adapter_name=name)

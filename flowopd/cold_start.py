@@ -1,0 +1,404 @@
+"""Stage 2: the student's starting point (method.md section 3): merge of the teachers, SFT on their samples, or none.
+
+merge (per tensor, tau_k = theta_k - base, weights w_k):
+    linear           theta = sum_k w_k theta_k / sum_k w_k
+    task_arithmetic  theta = base + scale * sum_k w_k tau_k                       (Ilharco et al. 2023)
+    ties             theta = base + scale * disjoint_mean_k(trim(tau_k))          (TIES, Yadav et al. 2023)
+LoRA teachers (adapters A: (r, in), B: (out, r), delta W = (alpha / r) B A): `product` merges the deltas B A by the
+rule above (with base 0); `factors` merges the A's and the B's separately (the reference code), and since
+mean(B) mean(A) != mean(B A) the two differ. Both return the full-weight delta to fold into the base.
+
+sft: each teacher samples `samples_per_prompt` images for the train prompts routed to it (the cold start's own
+sampler), optionally only each prompt's best-reward sample is kept, then a copy of the base is fine-tuned on them
+with the plain flow-matching loss  L = || v_theta(x_s, s, c) - (e - x0) ||^2,  x_s = (1 - s) x0 + s e.
+none: the student is the base.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from flowopd.artifacts import atomic_folder, canonical_hash, now, sha256_file, write_provenance
+from flowopd.grpo import load_bundle
+from flowopd.models.base import Condition
+from flowopd.phases import cold_start_sub_spec  # the sub-spec the stage is keyed on (flowopd.pipeline)
+from flowopd.router import Router, format_summary, training_prompts
+from flowopd.sampling import sample
+from flowopd.training import make_optimizer, prepare_policy, save_policy, step_generator
+
+MERGE_MODES = ("linear", "task_arithmetic", "ties")
+SAMPLE_STREAM, TRAIN_STREAM = 11, 12  # random streams of the SFT cold start (GRPO's are 1-3)
+SAMPLE_BATCH = 64  # rows per sampling call (fixed: the noise drawn depends on it)
+
+
+# ---------------------------------------------------------------- merging state dicts
+def ties_trim(tau: Tensor, density: float) -> Tensor:
+    """Keep the top `density` share of entries by magnitude (at least one), zero the rest."""
+    n = tau.numel()
+    k = max(1, round(density * n))
+    if k >= n:
+        return tau.clone()
+    flat = tau.flatten()
+    keep = flat.abs().topk(k).indices
+    trimmed = torch.zeros_like(flat)
+    trimmed[keep] = flat[keep]
+    return trimmed.view_as(tau)
+
+
+def ties_merge(taus: list[Tensor], weights: Tensor, density: float) -> Tensor:
+    """TIES on task vectors: trim each, elect gamma = sign(sum_k w_k trim(tau_k)) per entry, then the disjoint mean
+    sum_k w_k tau_k [sign(tau_k) = gamma] / sum_k w_k [sign(tau_k) = gamma] (0 where no task vector agrees)."""
+    trimmed = torch.stack([ties_trim(tau, density) for tau in taus])
+    w = weights.reshape(-1, *[1] * (trimmed.ndim - 1)).to(trimmed)
+    gamma = torch.sign((w * trimmed).sum(0))
+    agree = (torch.sign(trimmed) == gamma) & (trimmed != 0)
+    numerator = (w * trimmed * agree).sum(0)
+    denominator = (w * agree).sum(0)
+    return torch.where(denominator > 0, numerator / denominator.clamp_min(1e-30), torch.zeros_like(numerator))
+
+
+def merge_states(base: dict | None, teachers: list[dict], weights, mode: str = "linear", density: float = 0.2,
+                 scale: float = 1.0) -> dict[str, Tensor]:
+    """Merge teacher state dicts (all with the same keys and shapes) by `mode`; see the module docstring.
+
+    linear ignores `base` (may be None) and takes no `scale`; weights need not sum to 1 (linear normalises them,
+    task arithmetic uses them as given, TIES only through their ratios). Non-float tensors must agree.
+    """
+    if mode not in MERGE_MODES:
+        raise ValueError(f"merge mode must be one of {', '.join(MERGE_MODES)}, got {mode!r}")
+    if not teachers or len(teachers) != len(weights):
+        raise ValueError(f"{len(teachers)} teachers but {len(weights)} weights")
+    w = torch.as_tensor([float(x) for x in weights], dtype=torch.float64)
+    if (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"merge weights must be >= 0 with a positive sum, got {w.tolist()}")
+    if mode == "linear" and scale != 1.0:
+        raise ValueError("scale applies to task_arithmetic and ties; linear averages the weights (scale must be 1)")
+    if mode != "linear" and base is None:
+        raise ValueError(f"{mode} merges task vectors theta_k - base: pass the base state dict")
+    keys = list(teachers[0])
+    for i, state in enumerate(teachers[1:], 1):
+        if set(state) != set(keys):
+            raise ValueError(f"teacher {i} has other keys than teacher 0: {sorted(set(state) ^ set(keys))[:5]}")
+    if base is not None and set(base) != set(keys):
+        raise ValueError(f"the base has other keys than the teachers: {sorted(set(base) ^ set(keys))[:5]}")
+    merged = {}
+    for key in keys:
+        tensors = [state[key] for state in teachers]
+        if any(t.shape != tensors[0].shape for t in tensors) or (base is not None and base[key].shape != tensors[0].shape):
+            raise ValueError(f"{key}: shapes differ between the models")
+        same = all(torch.equal(t, tensors[0]) for t in tensors[1:])
+        if not tensors[0].is_floating_point() and not same:
+            raise ValueError(f"{key}: non-float tensors differ between the teachers")
+        if not tensors[0].is_floating_point() or same and (mode == "linear" or torch.equal(tensors[0], base[key])):
+            merged[key] = tensors[0].clone()  # frozen parts (e.g. the text encoder) stay bit-exact
+            continue
+        stacked = torch.stack([t.double() for t in tensors])
+        if mode == "linear":
+            value = torch.einsum("k,k...->...", w / w.sum(), stacked)
+        else:
+            taus = stacked - base[key].double()
+            if mode == "task_arithmetic":
+                delta = torch.einsum("k,k...->...", w, taus)
+            else:
+                delta = ties_merge(list(taus), w, density)
+            value = base[key].double() + scale * delta
+        merged[key] = value.to(tensors[0].dtype)
+    return merged
+
+
+# ---------------------------------------------------------------- LoRA adapters
+def lora_factors(adapter: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
+    """peft adapter state dict -> {module: (A, B)}; keys `<module>.lora_A[.<name>].weight` and `..lora_B..`."""
+    pairs: dict[str, dict[str, Tensor]] = {}
+    for key, value in adapter.items():
+        for factor in ("A", "B"):
+            marker = f".lora_{factor}."
+            if marker in key:
+                pairs.setdefault(key.split(marker)[0], {})[factor] = value
+                break
+        else:
+            raise ValueError(f"{key}: not a LoRA factor (lora_A / lora_B); only plain LoRA adapters merge")
+    incomplete = [m for m, p in pairs.items() if set(p) != {"A", "B"}]
+    if incomplete:
+        raise ValueError(f"modules without both lora_A and lora_B: {incomplete[:5]}")
+    return {module: (p["A"], p["B"]) for module, p in pairs.items()}
+
+
+def lora_delta(adapter: dict[str, Tensor], scaling: float) -> dict[str, Tensor]:
+    """{<module>.weight: scaling * B @ A}, the full-weight change the adapter makes (scaling = alpha / rank)."""
+    return {f"{module}.weight": (scaling * (b.double() @ a.double())).to(a.dtype)
+            for module, (a, b) in lora_factors(adapter).items()}
+
+
+def merge_lora(adapters: list[dict], weights, mode: str = "linear", density: float = 0.2, scale: float = 1.0,
+               lora_merge: str = "product", scaling=1.0) -> dict[str, Tensor]:
+    """Merge LoRA teachers into one full-weight delta {<module>.weight: dW} to add to the base weights.
+
+    product: dW = merge_k((alpha_k / r_k) B_k A_k), the rule applied to each teacher's delta (base delta 0);
+    factors: dW = (alpha / r) merge_k(B_k) merge_k(A_k) (the reference code; needs one alpha / r for all).
+    `scaling`: alpha / rank, one float or one per adapter.
+    """
+    scalings = [float(s) for s in scaling] if isinstance(scaling, (list, tuple)) else [float(scaling)] * len(adapters)
+    if len(scalings) != len(adapters):
+        raise ValueError(f"{len(adapters)} adapters but {len(scalings)} scalings")
+    if lora_merge == "product":
+        deltas = [lora_delta(a, s) for a, s in zip(adapters, scalings)]
+        zero = None if mode == "linear" else {k: torch.zeros_like(v) for k, v in deltas[0].items()}
+        return merge_states(zero, deltas, weights, mode, density, scale)
+    if lora_merge == "factors":
+        if len(set(scalings)) != 1:
+            raise ValueError(f"merging factors needs one alpha / rank for all adapters, got {scalings}")
+        zero = None if mode == "linear" else {k: torch.zeros_like(v) for k, v in adapters[0].items()}
+        return lora_delta(merge_states(zero, adapters, weights, mode, density, scale), scalings[0])
+    raise ValueError(f"lora_merge must be 'product' or 'factors', got {lora_merge!r}")
+
+
+def fold_delta(base: dict[str, Tensor], delta: dict[str, Tensor]) -> dict[str, Tensor]:
+    """base + delta on the delta's keys (a merged LoRA delta into full weights)."""
+    missing = [k for k in delta if k not in base]
+    if missing:
+        raise ValueError(f"delta keys not in the base: {missing[:5]}")
+    return {k: (v + delta[k].to(v)) if k in delta else v.clone() for k, v in base.items()}
+
+
+# ---------------------------------------------------------------- SFT on teacher samples
+def flow_matching_loss(bundle, x0: Tensor, cond: Condition, generator: torch.Generator,
+                       time_sampling: str = "logit_normal") -> Tensor:
+    """|| v_theta(x_s, s, c) - (e - x0) ||^2 averaged, x_s = (1 - s) x0 + s e, s ~ logit-normal(0, 1) or uniform
+    (the base's pretraining loss, flowopd.pretrain)."""
+    batch = x0.shape[0]
+    noise = torch.randn(x0.shape, generator=generator).to(x0)
+    if time_sampling == "logit_normal":
+        sigma = torch.sigmoid(torch.randn(batch, generator=generator))
+    elif time_sampling == "uniform":
+        sigma = torch.rand(batch, generator=generator)
+    else:
+        raise ValueError(f"time_sampling must be 'logit_normal' or 'uniform', got {time_sampling!r}")
+    sigma = sigma.to(x0.device)
+    s = sigma.view(-1, *[1] * (x0.ndim - 1))
+    velocity = bundle.velocity((1 - s) * x0 + s * noise, sigma, cond)
+    return torch.nn.functional.mse_loss(velocity.float(), (noise - x0).float())
+
+
+@torch.no_grad()
+def teacher_samples(teachers: dict, prompts: list, routes: list[str], sampler, samples_per_prompt: int, seed: int,
+                    progress: bool = True) -> Tensor:
+    """x0 (N * G, ...): G = samples_per_prompt samples of prompt i in rows i G ... i G + G - 1, each drawn by the
+    teacher prompt i is routed to (teachers: name -> bundle). Each teacher draws from its own stream, keyed by its
+    name, so its samples do not depend on the other teachers."""
+    missing = sorted(set(routes) - set(teachers))
+    if missing:
+        raise ValueError(f"prompts are routed to {missing} but no such teacher model was given")
+    group = samples_per_prompt
+    out = None
+    total = len(prompts) * group
+    bar = tqdm(total=total, desc="teacher samples", unit="img", disable=not progress, dynamic_ncols=True)
+    for name in sorted(teachers):
+        mine = [i for i, route in enumerate(routes) if route == name]
+        if not mine:
+            continue
+        key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little")
+        bundle, generator = teachers[name], step_generator(seed, SAMPLE_STREAM, key)
+        rows = [i * group + j for i in mine for j in range(group)]
+        for start in range(0, len(rows), SAMPLE_BATCH):
+            chunk = rows[start : start + SAMPLE_BATCH]
+            cond = bundle.encode([prompts[r // group].text for r in chunk])
+            x = sample(bundle, cond, steps=sampler.steps, shift=sampler.shift, cfg=sampler.cfg,
+                       noise_level=sampler.noise_level, generator=generator,
+                       log_prob_reduction=sampler.logprob_reduction)
+            if out is None:
+                out = torch.empty((total, *x.shape[1:]), dtype=x.dtype, device=x.device)
+            out[torch.as_tensor(chunk, device=x.device)] = x
+            bar.update(len(chunk))
+    bar.close()
+    return out
+
+
+def best_of_groups(scores, group: int) -> np.ndarray:
+    """Row index of each consecutive group's best score (the first on ties)."""
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1, group)
+    return np.arange(len(scores)) * group + scores.argmax(axis=1)
+
+
+def sft(bundle, x0: Tensor, texts: list[str], settings, seed: int, cfg_dropout: float = 0.0,
+        time_sampling: str = "logit_normal", progress: bool = True) -> list[dict]:
+    """Fine-tune the bundle's transformer (or a LoRA adapter, settings.lora) on (x0, text) pairs with the
+    flow-matching loss for settings.steps batches of settings.batch_size; a share `cfg_dropout` of each batch sees
+    the empty prompt (keeps classifier-free guidance working). The text encoder stays frozen. Returns the curve."""
+    torch.manual_seed(seed)  # LoRA's gaussian A
+    params = list(prepare_policy(bundle, settings.lora).values())
+    optimizer = make_optimizer(params, settings.lr)
+    generator = step_generator(seed, TRAIN_STREAM, 0)
+    cond_all, null = bundle.encode(texts), bundle.encode([""])
+    curve, start = [], time.perf_counter()
+    bundle.transformer.train()
+    bar = tqdm(range(settings.steps), desc="sft", disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        idx = torch.randint(len(texts), (settings.batch_size,), generator=generator)
+        drop = (torch.rand(settings.batch_size, generator=generator) < cfg_dropout).to(x0.device)
+        picked = cond_all.index(idx.to(x0.device))
+        cond = Condition(
+            torch.where(drop[:, None, None], null.prompt_embeds, picked.prompt_embeds),
+            torch.where(drop[:, None], null.pooled, picked.pooled),
+        )
+        loss = flow_matching_loss(bundle, x0[idx.to(x0.device)], cond, generator, time_sampling)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        curve.append({"step": step, "loss": loss.item(), "seconds": round(time.perf_counter() - start, 3)})
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    bundle.transformer.eval()
+    return curve
+
+
+def sft_cold_start(spec, base, teachers: dict, prompts: list, tasks: list[str], progress: bool = True):
+    """Route the prompts, sample the teachers, keep the best of each group (optional), fine-tune `base` in place.
+
+    best_of_group scores each sample with the reward of its prompt's task of origin (with task routing, the routed
+    teacher's task; rewards read the prompt's structured fields, so another task's reward would not apply).
+    -> (curve, info for the provenance).
+    """
+    from flowopd.data import world_config
+    from flowopd.rewards import task_reward
+
+    settings = spec.cold_start
+    router = Router.from_spec(spec)
+    routes = router.route_all(prompts, tasks)
+    counts = router.summary(prompts, tasks)
+    print(format_summary(counts))
+    group = settings.samples_per_prompt
+    x0 = teacher_samples(teachers, prompts, routes, settings.sampler, group, spec.seed, progress)
+    rows = np.arange(len(x0))
+    if settings.best_of_group and group > 1:
+        scores = np.empty(len(x0))
+        images = base.decode(x0)
+        for task in dict.fromkeys(tasks):
+            mine = np.array([r for r in rows if tasks[r // group] == task])
+            reward = task_reward(spec.tasks[task], world_config(spec))
+            scores[mine] = reward(images[mine], [prompts[r // group] for r in mine])["score"]
+        rows = best_of_groups(scores, group)
+    texts = [prompts[r // group].text for r in rows]
+    tiny = spec.model.kind == "tiny"
+    curve = sft(base, x0[torch.as_tensor(rows, device=x0.device)], texts, settings, spec.seed,
+                cfg_dropout=spec.base.cfg_dropout if tiny else 0.0,
+                time_sampling=spec.base.time_sampling if tiny else "logit_normal", progress=progress)
+    return curve, {"routing": counts, "samples": len(rows)}
+
+
+# ---------------------------------------------------------------- the phase
+def load_teachers(names, teacher_dirs: dict, base_dir: Path | None = None, config: dict | None = None) -> dict:
+    """TinyBundles of the named teachers, frozen, in eval mode; "base" is the base model. Checks model configs."""
+    from flowopd.models.tiny import TinyBundle
+
+    if "base" in names and base_dir is None:
+        raise SystemExit("the base model is needed (a route or the MAR anchor): pass --base")
+    missing = [name for name in names if name != "base" and name not in teacher_dirs]
+    if missing:
+        raise SystemExit(f"teachers {', '.join(map(repr, missing))} are needed: pass "
+                         + " ".join(f"--teacher {name}=DIR" for name in missing))
+    bundles = {}
+    for name in names:
+        folder = base_dir if name == "base" else teacher_dirs[name]
+        bundle = TinyBundle.load(folder)
+        if config is not None and bundle.config != config:
+            raise SystemExit(f"{name} ({folder}) has another model config than the base")
+        for module in bundle.modules().values():
+            module.requires_grad_(False)
+        bundles[name] = bundle
+    return bundles
+
+
+def weights_sha(folder: Path | None) -> str | None:
+    path = None if folder is None else Path(folder) / "model.safetensors"
+    return sha256_file(path) if path is not None and path.exists() else None
+
+
+def run_cold_start(spec, base_dir: Path | None, teacher_dirs: dict, data_dir: Path | None, out: Path,
+                   progress: bool = True) -> None:
+    """Write the student's starting model to `out` atomically (a TinyBundle, curve.csv for sft, provenance)."""
+    from flowopd.phases import spec_identity, write_curve
+
+    if spec.model.kind != "tiny":
+        raise SystemExit("the cold start runs tiny specs only for now: sd3 teachers are LoRA adapters (merge them "
+                         "with flowopd.cold_start.merge_lora), but no stage loads an sd3 cold-start artifact yet")
+    started, start = now(), time.time()
+    settings, method = spec.cold_start, spec.cold_start.method
+    bundle = load_bundle(spec, base_dir)
+    extra, curve, used = {}, None, []
+    if method == "merge":
+        used = [name for name, weight in settings.weights.items() if weight > 0]
+        teachers = load_teachers(used, teacher_dirs, config=bundle.config)
+        merged = merge_states(bundle.state_dict(), [teachers[n].state_dict() for n in used],
+                              [settings.weights[n] for n in used], settings.mode, settings.ties_density, settings.scale)
+        bundle.load_state_dict(merged)
+        extra = {"mode": settings.mode, "weights": {n: settings.weights[n] for n in used}}
+    elif method == "sft":
+        if data_dir is None:
+            raise SystemExit("an sft cold start samples the train prompts: pass --data")
+        prompts, tasks = training_prompts(spec, data_dir)
+        used = list(Router.from_spec(spec).summary(prompts, tasks))
+        teachers = load_teachers(used, teacher_dirs, base_dir, config=bundle.config)
+        curve, extra = sft_cold_start(spec, bundle, teachers, prompts, tasks, progress)
+        extra["prompts_sha256"] = canonical_hash([p.text for p in prompts])
+    elif method != "none":
+        raise SystemExit(f"unknown cold start method {method!r}")
+    lora = getattr(settings, "lora", None)
+    with atomic_folder(out) as folder:
+        weights_file = save_policy(bundle, folder, lora)
+        if curve:
+            write_curve(folder / "curve.csv", curve)
+        write_provenance(
+            folder, "cold_start", cold_start_sub_spec(spec), **spec_identity(spec), method=method, **extra,
+            base_dir=None if base_dir is None else str(base_dir), base_sha256=weights_sha(base_dir),
+            teachers={n: {"dir": str(teacher_dirs[n]), "sha256": weights_sha(teacher_dirs[n])}
+                      for n in used if n != "base"},
+            started=started, finished=now(), seconds=round(time.time() - start, 2),
+            weights_sha256=sha256_file(weights_file),
+        )
+
+
+# ---------------------------------------------------------------- command line
+def parse_teacher_dirs(values: list[str] | None, spec) -> dict[str, Path]:
+    """['text=artifacts/teacher/abc', ...] -> {name: Path}; names must be the spec's teachers, each given once."""
+    dirs: dict[str, Path] = {}
+    for value in values or ():
+        name, sep, folder = value.partition("=")
+        if not sep or not name or not folder:
+            raise SystemExit(f"--teacher expects NAME=DIR, got {value!r}")
+        if name not in spec.teachers:
+            raise SystemExit(f"--teacher {name}: unknown teacher; the spec has {', '.join(spec.teachers)}")
+        if name in dirs:
+            raise SystemExit(f"--teacher {name} given twice")
+        dirs[name] = Path(folder)
+    return dirs
+
+
+def stage_parser(phase: str) -> argparse.ArgumentParser:
+    """The options the cold_start and opd stages share."""
+    parser = argparse.ArgumentParser(prog=f"stages/{phase}.py", description=f"run the {phase} phase of a spec")
+    parser.add_argument("--spec", required=True, type=Path, help="spec YAML file")
+    parser.add_argument("--base", type=Path, help="base model artifact folder (tiny specs)")
+    parser.add_argument("--teacher", action="append", metavar="NAME=DIR", help="a teacher artifact (repeatable)")
+    parser.add_argument("--data", type=Path, help="prompt sets folder (data phase)")
+    parser.add_argument("--out", required=True, type=Path, help="artifact folder to write (atomically)")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def stage_main(argv: list[str] | None = None) -> None:
+    """Command line of stages/cold_start.py."""
+    from flowopd.spec import load_spec_or_exit
+
+    args = stage_parser("cold_start").parse_args(argv)
+    spec = load_spec_or_exit(args.spec)
+    teacher_dirs = parse_teacher_dirs(args.teacher, spec)
+    run_cold_start(spec, args.base, teacher_dirs, args.data, args.out, not args.no_progress)
