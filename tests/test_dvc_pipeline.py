@@ -12,7 +12,8 @@ import pytest
 from flowopd import pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
-MICRO = (ROOT / "tests/data/micro.yaml").read_text().replace("../../specs/flow_opd.yaml", "base.yaml")
+MICRO = (ROOT / "tests/data/micro.yaml").read_text().replace("../../specs/flow_opd.yaml", "parent/flow_opd.yaml")
+TRAINING = {"teacher", "baseline", "cold_start", "opd"}
 # Minutes of `dvc repro` (each stage process imports torch and diffusers): behind the slow marker.
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("git") is None, reason="dvc needs git")]
 
@@ -41,8 +42,8 @@ def tree(tmp_path_factory):
     tree = tmp_path_factory.mktemp("repo")
     for folder in ("flowopd", "stages"):
         shutil.copytree(ROOT / folder, tree / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    (tree / "specs").mkdir()
-    shutil.copy(ROOT / "specs/flow_opd.yaml", tree / "specs/base.yaml")  # not a pipeline spec: no name clash
+    (tree / "specs/parent").mkdir(parents=True)
+    shutil.copy(ROOT / "specs/flow_opd.yaml", tree / "specs/parent")  # outside the pipeline globs: not run itself
     (tree / "specs/micro.yaml").write_text(MICRO)
     run(tree, "git", "init", "-q")
     run(tree, "dvc", "init", "-q")
@@ -51,11 +52,11 @@ def tree(tmp_path_factory):
 
 
 def test_dvc_repro_reruns_only_what_an_edit_changes(tree):
-    assert phases(repro(tree)) == {"data", "base", "eval", "ledger", "report"}
+    assert phases(repro(tree)) == {"data", "base", *TRAINING, "eval", "ledger", "report"}
     assert repro(tree) == set()  # a no-op
     mtimes = {p: p.stat().st_mtime_ns for p in (tree / "artifacts").glob("*/*/meta.json")}
 
-    # Evaluation edit: eval, ledger and report rerun; data and base artifacts untouched.
+    # Evaluation edit: eval, ledger and report rerun; data and every model artifact untouched.
     spec = tree / "specs/micro.yaml"
     spec.write_text(spec.read_text().replace("seeds: [0, 1]", "seeds: [0]"))
     assert phases(repro(tree)) == {"eval", "ledger", "report"}
@@ -65,12 +66,13 @@ def test_dvc_repro_reruns_only_what_an_edit_changes(tree):
 
     # Base edit: base and everything downstream rerun; data does not.
     spec.write_text(spec.read_text().replace("base: {steps: 4,", "base: {steps: 5,"))
-    assert phases(repro(tree)) == {"base", "eval", "ledger", "report"}
+    assert phases(repro(tree)) == {"base", *TRAINING, "eval", "ledger", "report"}
 
-    # A second spec with the same base shares the base stage: only its own eval (and the ledger) run.
+    # A second spec with the same training sections shares every model: only its own evals (and the ledger) run.
     (tree / "specs/micro_twin.yaml").write_text(
         spec.read_text().replace("name: micro", "name: micro_twin").replace("seeds: [0]", "seeds: [1]"))
     assert phases(repro(tree)) == {"eval", "ledger", "report"}
     header, *rows = (tree / "reports/main_table.csv").read_text().splitlines()
     assert header.split(",")[0] == "model" and {"text", "objects", "quality", "avg"} <= set(header.split(","))
-    assert [row.split(",")[0] for row in rows] == ["base"]
+    assert [row.split(",")[0] for row in rows] == ["base", "teacher:objects", "teacher:quality", "teacher:text",
+                                                   "mixed_grpo", "micro"]
