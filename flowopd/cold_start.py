@@ -395,9 +395,11 @@ def stage_parser(phase: str) -> argparse.ArgumentParser:
 
 
 def stage_main(argv: list[str] | None = None) -> None:
-    """Command line of stages/cold_start.py."""
+    """Command line of stages/cold_start.py (one process: see flowopd.distributed)."""
+    from flowopd.distributed import refuse_several_processes
     from flowopd.spec import load_spec_or_exit
 
+    refuse_several_processes("cold_start")
     args = stage_parser("cold_start").parse_args(argv)
     spec = load_spec_or_exit(args.spec)
     teacher_dirs = parse_teacher_dirs(args.teacher, spec)

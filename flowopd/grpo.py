@@ -30,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from flowopd.artifacts import atomic_folder, canonical_hash, now, sha256_file, write_provenance
+from flowopd.distributed import Processes, relaunch_if_asked
 from flowopd.models.base import Condition
 from flowopd.phases import baseline_sub_spec, teacher_sub_spec
 from flowopd.sampling import Trajectory, sample
@@ -138,7 +139,7 @@ def score_matrix(images: np.ndarray, prompts: list, tasks: np.ndarray, rewards: 
 # ---------------------------------------------------------------- the trainer
 @dataclass
 class Rollout:
-    """One step's samples: each chosen prompt G times in a row."""
+    """One step's samples: each chosen prompt G times in a row (this process's rows of them)."""
 
     prompts: list  # (N,) flowopd.world.Prompt
     tasks: np.ndarray  # (N,) index of the reward scoring each sample
@@ -155,12 +156,16 @@ class GRPOTrainer:
     transformer weights. Everything random at step k derives from (seed, k), so a resumed run draws alike.
     kept_rows_only: the update runs on the kept groups' samples only, faster by the dropped share, but the training
     batch then differs from the sampling batch (method.md advises against it for SD3 on GPU; the tiny model on CPU
-    gives bitwise-equal velocities for a sub-batch). Off by default.
+    gives bitwise-equal velocities for a sub-batch). Off by default, and off over several processes.
+    processes: this process's share of the batch (flowopd.distributed); the default is a single process.
     """
 
     def __init__(self, bundle, settings, prompts, prompt_tasks, rewards, reward_names, weights, *,
-                 advantage: str = "joint", seed: int = 0, lora=None, kept_rows_only: bool = False):
+                 advantage: str = "joint", seed: int = 0, lora=None, kept_rows_only: bool = False,
+                 processes: Processes | None = None):
         sampler = settings.sampler
+        self.processes = processes or Processes()
+        self.processes.rows(settings.prompts_per_step * settings.group_size)  # refuses a batch that does not split
         if sampler.noise_level <= 0:
             raise ValueError("GRPO needs the SDE sampler (sampler.noise_level > 0) for its log-probs")
         if sampler.steps < 2:
@@ -169,7 +174,7 @@ class GRPOTrainer:
         self.prompts, self.prompt_tasks = list(prompts), np.asarray(prompt_tasks)
         self.rewards, self.reward_names = list(rewards), list(reward_names)
         self.weights, self.advantage = np.asarray(weights, dtype=np.float64), advantage
-        self.kept_rows_only = kept_rows_only
+        self.kept_rows_only = kept_rows_only and self.processes.count == 1
         torch.manual_seed(seed)  # LoRA's gaussian A
         self.named_params = prepare_policy(bundle, lora)
         self.params = list(self.named_params.values())
@@ -180,22 +185,28 @@ class GRPOTrainer:
     # -- 1. rollouts ---------------------------------------------------------------------------------------
     @torch.no_grad()
     def rollout(self, step: int) -> Rollout:
-        s, sampler, group = self.settings, self.settings.sampler, self.settings.group_size
+        s, sampler, group, processes = self.settings, self.settings.sampler, self.settings.group_size, self.processes
         rng = step_rng(self.seed, PROMPT_STREAM, step)
         chosen = rng.choice(len(self.prompts), size=s.prompts_per_step, replace=s.prompts_per_step > len(self.prompts))
         cond = self.bundle.encode([self.prompts[i].text for i in chosen]).repeat_interleave(group)
+        rows = processes.rows(len(cond))
+        if processes.count > 1:
+            cond = cond.index(rows)
         self.bundle.transformer.eval()
         x, trajectory = sample(
             self.bundle, cond, steps=sampler.steps, shift=sampler.shift, cfg=sampler.cfg,
             noise_level=sampler.noise_level, generator=step_generator(self.seed, NOISE_STREAM, step),
             return_trajectory=True, log_prob_reduction=sampler.logprob_reduction,
+            share=(processes.index, processes.count),
         )
-        prompts = [self.prompts[i] for i in chosen for _ in range(group)]
-        return Rollout(prompts, np.repeat(self.prompt_tasks[chosen], group), cond, trajectory, self.bundle.decode(x))
+        prompts = [self.prompts[i] for i in chosen for _ in range(group)][rows]
+        tasks = np.repeat(self.prompt_tasks[chosen], group)[rows]
+        return Rollout(prompts, tasks, cond, trajectory, self.bundle.decode(x))
 
     # -- 2. rewards and advantages -------------------------------------------------------------------------
     def score(self, rollout: Rollout) -> np.ndarray:
-        return score_matrix(rollout.images, rollout.prompts, rollout.tasks, self.rewards)
+        """(N, K) scores of the whole batch: each process scores its own rows, then they are gathered."""
+        return self.processes.gather(score_matrix(rollout.images, rollout.prompts, rollout.tasks, self.rewards))
 
     def advantages(self, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         s = self.settings
@@ -203,7 +214,10 @@ class GRPOTrainer:
 
     # -- 3. PPO update -------------------------------------------------------------------------------------
     def update(self, rollout: Rollout, advantages: np.ndarray, kept: np.ndarray, step: int) -> dict:
-        """Inner epochs of PPO-clip + beta KL over the trained steps; one optimizer step per epoch."""
+        """Inner epochs of PPO-clip + beta KL over the trained steps; one optimizer step per epoch.
+
+        advantages, kept: of the whole batch; this process trains its rows, weighted by 1 / (kept in the batch).
+        """
         s, sampler, traj = self.settings, self.settings.sampler, rollout.trajectory
         stats = defaultdict(list)
         if not kept.any():
@@ -212,6 +226,9 @@ class GRPOTrainer:
         adv = torch.as_tensor(advantages, dtype=torch.float32, device=device)
         weight = torch.as_tensor(kept, dtype=torch.float32, device=device)
         weight = weight / weight.sum()  # mean over kept samples
+        if self.processes.count > 1:
+            rows = self.processes.rows(len(adv))
+            adv, weight = adv[rows], weight[rows]
         latents, old_log_probs, cond = traj.latents, traj.log_probs, rollout.cond
         if self.kept_rows_only:
             rows = torch.as_tensor(np.flatnonzero(kept), device=device)
@@ -243,10 +260,14 @@ class GRPOTrainer:
                 stats["loss"].append(loss.item() * len(steps))
                 stats["clip_frac"].append(((ratio.detach() - 1).abs() > s.clip_eps).float().mul(weight).sum().item())
                 stats["approx_kl"].append((0.5 * (log_prob.detach() - old_log_probs[t]) ** 2 * weight).sum().item())
+            self.processes.sum_gradients(self.params)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, s.grad_clip or float("inf"))
             stats["grad_norm"].append(grad_norm.item())
             self.optimizer.step()
         self.bundle.transformer.eval()
+        for key in sorted(stats):  # each process's weighted sums add up to the batch's (same keys everywhere)
+            if key != "grad_norm":
+                stats[key] = self.processes.sum(stats[key])
         return {key: float(np.mean(values)) for key, values in stats.items()}
 
     # -- one whole step --------------------------------------------------------------------------------------
@@ -300,17 +321,20 @@ def train(trainer: GRPOTrainer, steps: int, checkpoints: Checkpoints | None = No
           progress: bool = True, on_step=None, desc: str = "grpo") -> list[dict]:
     """Run steps [resumed step, steps); checkpoint every `checkpoint_every`. Returns the curve (one row per step).
 
-    `on_step(step)` runs after each step and its checkpoint (tests interrupt a run there).
+    `on_step(step)` runs after each step and its checkpoint (tests interrupt a run there). Over several processes
+    every one resumes from the same checkpoint; the main one alone shows the bar and writes checkpoints.
     """
     curve, first, elapsed = [], 0, 0.0
+    is_main = trainer.processes.is_main
     state = checkpoints.load() if checkpoints is not None else None
     if state is not None:
         trainer.load_state_dict(state["trainer"])
         curve, first, elapsed = state["curve"], state["step"], state["seconds"]
-        print(f"resuming {desc} from step {first} ({checkpoints.path})")
+        if is_main:
+            print(f"resuming {desc} from step {first} ({checkpoints.path})")
     start = time.perf_counter() - elapsed
-    bar = tqdm(range(first, steps), initial=first, total=steps, desc=desc, unit="step", disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(range(first, steps), initial=first, total=steps, desc=desc, unit="step",
+               disable=not progress or not is_main, dynamic_ncols=True)
     for step in bar:
         row = trainer.step(step)
         row["seconds"] = round(time.perf_counter() - start, 3)
@@ -318,7 +342,7 @@ def train(trainer: GRPOTrainer, steps: int, checkpoints: Checkpoints | None = No
         bar.set_postfix({k: "-" if row[k] is None else f"{row[k]:.3g}"
                          for k in ("reward", "kl", "clip_frac", "kept_groups")})
         done = step + 1
-        if checkpoints is not None and done % checkpoint_every == 0 and done < steps:
+        if checkpoints is not None and is_main and done % checkpoint_every == 0 and done < steps:
             checkpoints.save({"trainer": trainer.state_dict(), "curve": curve, "step": done,
                               "seconds": row["seconds"]})
         if on_step is not None:
@@ -327,8 +351,9 @@ def train(trainer: GRPOTrainer, steps: int, checkpoints: Checkpoints | None = No
 
 
 # ---------------------------------------------------------------- phases: teacher and baseline
-def load_bundle(spec, base_dir: Path | None):
-    """The starting model: the tiny base artifact, or SD3 from its pretrained folder / hub id (GPU when present)."""
+def load_bundle(spec, base_dir: Path | None, device: torch.device | None = None):
+    """The starting model: the tiny base artifact, or SD3 from its pretrained folder / hub id (on `device`, by
+    default the GPU when present)."""
     if spec.model.kind == "tiny":
         from flowopd.models.tiny import TinyBundle
 
@@ -340,7 +365,8 @@ def load_bundle(spec, base_dir: Path | None):
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[spec.model.dtype]
     bundle = SD3Bundle.from_pretrained(spec.model.pretrained, revision=spec.model.revision, dtype=dtype,
                                        resolution=spec.model.resolution)
-    return bundle.to("cuda") if torch.cuda.is_available() else bundle
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return bundle.to(device) if device.type != "cpu" else bundle
 
 
 def lora_settings(spec, settings):
@@ -397,8 +423,8 @@ def _run_phase(spec, phase, sub_spec, settings, base_dir, out, curve_path, progr
     from flowopd.phases import spec_identity, write_curve
 
     started, start = now(), time.time()
-    out = Path(out)
-    bundle = load_bundle(spec, base_dir)
+    out, processes = Path(out), Processes.from_environment()
+    bundle = load_bundle(spec, base_dir, processes.device)
     base_weights = Path(base_dir) / "model.safetensors" if base_dir is not None else None
     base_sha = sha256_file(base_weights) if base_weights is not None and base_weights.exists() else None
     prompt_digest = hashlib.sha256("\n".join(p.text for p in prompts).encode()).hexdigest()
@@ -406,16 +432,19 @@ def _run_phase(spec, phase, sub_spec, settings, base_dir, out, curve_path, progr
     # On CPU the tiny model's velocities of a sub-batch are bitwise those of the whole batch, so training on the
     # kept groups only changes nothing but the time; SD3 on GPU keeps the sampling batch (method.md).
     trainer = GRPOTrainer(bundle, settings, prompts, prompt_tasks, rewards, names, weights, advantage=advantage,
-                          seed=spec.seed, lora=lora, kept_rows_only=spec.model.kind == "tiny")
+                          seed=spec.seed, lora=lora, kept_rows_only=spec.model.kind == "tiny", processes=processes)
     fingerprint = canonical_hash({"sub_spec": sub_spec, "base_sha256": base_sha, "prompts": prompt_digest})
     checkpoints = Checkpoints(checkpoint_folder(out), fingerprint)
     curve = train(trainer, settings.steps, checkpoints, settings.checkpoint_every, progress, desc=f"{phase} {out.name}")
     trainer.apply_ema()
+    if not processes.is_main:  # the same weights everywhere; the main process writes them
+        processes.wait()
+        return
     with atomic_folder(out) as folder:
         weights_file = save_policy(bundle, folder, lora)
         write_curve(folder / "curve.csv", curve)
         write_provenance(
-            folder, phase, sub_spec, **spec_identity(spec), **extra,
+            folder, phase, sub_spec, **spec_identity(spec), **extra, processes=processes.count,
             base_dir=None if base_dir is None else str(base_dir), base_sha256=base_sha, lora=lora is not None,
             trainable_parameters=sum(p.numel() for p in trainer.params), steps=settings.steps,
             train_seconds=curve[-1]["seconds"], started=started, finished=now(),
@@ -424,11 +453,15 @@ def _run_phase(spec, phase, sub_spec, settings, base_dir, out, curve_path, progr
     if curve_path is not None:
         write_curve(curve_path, curve)
     checkpoints.clear()
+    processes.wait()
 
 
 def stage_main(phase: str, argv: list[str] | None = None) -> None:
-    """Command line of stages/teacher.py and stages/baseline.py."""
+    """Command line of stages/teacher.py and stages/baseline.py (FLOWOPD_PROCESSES=N: N processes)."""
     from flowopd.spec import load_spec_or_exit
+
+    if argv is None:
+        relaunch_if_asked()
 
     parser = argparse.ArgumentParser(prog=f"stages/{phase}.py", description=f"run the {phase} phase of a spec")
     parser.add_argument("--spec", required=True, type=Path, help="spec YAML file")

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from flowopd.artifacts import atomic_folder, canonical_hash, now, sha256_file, write_provenance
+from flowopd.distributed import Processes, relaunch_if_asked
 from flowopd.grpo import (
     ADV_EPS,
     TIMESTEP_STREAM,
@@ -135,7 +136,8 @@ class OPDTrainer:
     prompts: the training pool; routes[i]: the teacher of prompt i (a key of `teachers`, "base" included when
     used); teachers / anchor: bundles or velocity callables, frozen. anchor None or mar_weight 0: no MAR. When the
     anchor is one of the teacher objects, its rows reuse that teacher's forward. Driven by grpo.train(); the rollout
-    and the checkpoint state are GRPOTrainer's own (same prompts, noise and timesteps per step).
+    and the checkpoint state are GRPOTrainer's own (same prompts, noise and timesteps per step). processes: this
+    process's share of the batch (flowopd.distributed); rewards are gathered so advantages are the whole batch's.
     """
 
     rollout = GRPOTrainer.rollout  # needs bundle, settings, prompts, prompt_tasks, seed
@@ -144,8 +146,10 @@ class OPDTrainer:
     apply_ema = GRPOTrainer.apply_ema
 
     def __init__(self, bundle, settings, prompts, routes, teachers: dict, anchor=None, mar_weight: float = 0.0, *,
-                 seed: int = 0, lora=None):
+                 seed: int = 0, lora=None, processes: Processes | None = None):
         sampler = settings.sampler
+        self.processes = processes or Processes()
+        self.processes.rows(settings.prompts_per_step * settings.group_size)  # refuses a batch that does not split
         if sampler.noise_level <= 0:
             raise ValueError("OPD needs the SDE sampler (sampler.noise_level > 0) for its log-probs")
         if sampler.steps < 2:
@@ -227,10 +231,15 @@ class OPDTrainer:
         steps = trained_steps(sampler.steps, s.timestep_fraction, step_rng(self.seed, TIMESTEP_STREAM, step))
         t0 = time.perf_counter()
         targets = {t: self.targets(rollout, t, cfg) for t in steps}
-        advantages = None
+        advantages, processes = None, self.processes
         if s.estimator != "analytic_grad":
             rewards = self.rewards(rollout, steps, targets, common)
+            if processes.count > 1:  # (T, B) of the whole batch: the per-step statistics are the batch's
+                rewards = torch.as_tensor(processes.gather(rewards.T.cpu().numpy()).T, dtype=rewards.dtype,
+                                          device=rewards.device)
             advantages = step_advantages(rewards, s.reward_to_go, s.normalize_advantage)
+            if processes.count > 1:
+                advantages = advantages[:, processes.rows(advantages.shape[1])]
         t1 = time.perf_counter()
         stats, kl_by_teacher = defaultdict(list), defaultdict(list)
         self.bundle.transformer.train()
@@ -244,7 +253,7 @@ class OPDTrainer:
                 per_sample, terms = step_loss(
                     s.estimator, log_prob, traj.log_probs[t], mean, mean_teacher, std,
                     None if advantages is None else advantages[i], s.clip_eps, reduction, mean_anchor, self.mar_weight)
-                loss = per_sample.mean() / len(steps)
+                loss = per_sample.mean() / (len(steps) * processes.count)  # summed over processes
                 loss.backward()
                 stats["loss"].append(loss.item() * len(steps))
                 stats["policy_loss"].append(terms["policy"].detach().mean().item())
@@ -258,17 +267,22 @@ class OPDTrainer:
                     stats["kl"].append(kl.mean().item())
                     for k, name in enumerate(self.teacher_names):
                         rows = torch.as_tensor(rollout.tasks == k, device=kl.device)
-                        if rows.any():
-                            kl_by_teacher[name].append(kl[rows].mean().item())
+                        n = int(rows.sum())
+                        kl_by_teacher[name].append(processes.pooled_mean(kl[rows].mean().item() if n else 0.0, n))
+            processes.sum_gradients(self.params)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, s.grad_clip or float("inf"))
             stats["grad_norm"].append(grad_norm.item())
             self.optimizer.step()
         self.bundle.transformer.eval()
+        for key in sorted(stats):  # per-process means over equal shares (same keys everywhere)
+            if key != "grad_norm":
+                stats[key] = processes.mean(stats[key])
         row = {key: float(np.mean(values)) for key, values in stats.items()}
         if advantages is None:
             row["reward"] = -row["kl"]  # analytic_grad: the closed-form reward -KL it differentiates
         else:
             row["reward"] = rewards.mean().item() / nats_per_unit(traj.latents[0], reduction)  # E[r] = -kl
+        kl_by_teacher = {name: [v for v in values if not np.isnan(v)] for name, values in kl_by_teacher.items()}
         row |= {f"kl_{name}": float(np.mean(kl_by_teacher[name])) if kl_by_teacher[name] else None
                 for name in self.teacher_names}
         row["teacher_s"] = t1 - t0
@@ -308,11 +322,13 @@ def run_opd(spec, init_dir: Path, base_dir: Path | None, teacher_dirs: dict, dat
         raise SystemExit("OPD runs tiny specs only for now: sd3 teachers are LoRA adapters, and no stage loads them "
                          "beside the student yet")
     started, start, out, settings = now(), time.time(), Path(out), spec.opd
+    processes = Processes.from_environment()
     prompts, tasks = training_prompts(spec, data_dir)
     router = Router.from_spec(spec)
     routes = router.route_all(prompts, tasks)
     counts = router.summary(prompts, tasks)
-    print(format_summary(counts))
+    if processes.is_main:
+        print(format_summary(counts))
     student = TinyBundle.load(init_dir)
     anchor_name = spec.mar.anchor if spec.mar.weight > 0 else None
     needed = [*counts, *([anchor_name] if anchor_name and anchor_name not in counts else [])]
@@ -324,7 +340,7 @@ def run_opd(spec, init_dir: Path, base_dir: Path | None, teacher_dirs: dict, dat
                              "student's prompt embeddings, so all must share the frozen encoder")
     lora = lora_settings(spec, settings)
     trainer = OPDTrainer(student, settings, prompts, routes, {n: models[n] for n in counts},
-                         models.get(anchor_name), spec.mar.weight, seed=spec.seed, lora=lora)
+                         models.get(anchor_name), spec.mar.weight, seed=spec.seed, lora=lora, processes=processes)
     sub_spec = opd_sub_spec(spec)
     folders = {n: base_dir if n == "base" else teacher_dirs[n] for n in models}
     inputs = {"init_sha256": weights_sha(init_dir), "teachers": {n: weights_sha(f) for n, f in folders.items()}}
@@ -333,11 +349,15 @@ def run_opd(spec, init_dir: Path, base_dir: Path | None, teacher_dirs: dict, dat
     checkpoints = Checkpoints(checkpoint_folder(out), fingerprint)
     curve = train(trainer, settings.steps, checkpoints, settings.checkpoint_every, progress, desc=f"opd {out.name}")
     trainer.apply_ema()
+    if not processes.is_main:  # the same weights everywhere; the main process writes them
+        processes.wait()
+        return
     with atomic_folder(out) as folder:
         weights_file = save_policy(student, folder, lora)
         write_curve(folder / "curve.csv", curve)
         write_provenance(
             folder, "opd", sub_spec, **spec_identity(spec), estimator=settings.estimator, routing=counts,
+            processes=processes.count,
             anchor=anchor_name, mar_weight=spec.mar.weight, init_dir=str(init_dir), init_sha256=inputs["init_sha256"],
             teachers={n: {"dir": str(f), "sha256": inputs["teachers"][n]} for n, f in folders.items()},
             lora=lora is not None, trainable_parameters=sum(p.numel() for p in trainer.params), steps=settings.steps,
@@ -347,13 +367,16 @@ def run_opd(spec, init_dir: Path, base_dir: Path | None, teacher_dirs: dict, dat
     if curve_path is not None:
         write_curve(curve_path, curve)
     checkpoints.clear()
+    processes.wait()
 
 
 def stage_main(argv: list[str] | None = None) -> None:
-    """Command line of stages/opd.py."""
+    """Command line of stages/opd.py (FLOWOPD_PROCESSES=N: N processes)."""
     from flowopd.cold_start import parse_teacher_dirs, stage_parser
     from flowopd.spec import load_spec_or_exit
 
+    if argv is None:
+        relaunch_if_asked()
     parser = stage_parser("opd")
     parser.add_argument("--init", required=True, type=Path, help="cold-start artifact folder (the student)")
     parser.add_argument("--curve", type=Path, help="also write the training curve here (DVC plots)")

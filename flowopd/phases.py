@@ -174,8 +174,10 @@ def stage_main(phase: str, argv: list[str] | None = None) -> None:
     """Command line of the thin `stages/<phase>.py` entry points that dvc.yaml runs."""
     import argparse
 
+    from flowopd.distributed import refuse_several_processes
     from flowopd.spec import load_spec_or_exit
 
+    refuse_several_processes(phase)
     parser = argparse.ArgumentParser(prog=f"stages/{phase}.py", description=f"run the {phase} phase of a spec")
     parser.add_argument("--spec", required=True, type=Path, help="spec YAML file")
     parser.add_argument("--out", required=True, type=Path, help="artifact folder to write (atomically)")

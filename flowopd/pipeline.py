@@ -37,8 +37,8 @@ CODE_DEPS = {
     "eval": ["stages/eval.py", "flowopd/phases.py", "flowopd/evaluate.py", "flowopd/data.py", "flowopd/sampling.py",
              "flowopd/sde.py", "flowopd/rewards", "flowopd/models", "flowopd/world"],
 }
-TRAINING_DEPS = ["flowopd/phases.py", "flowopd/grpo.py", "flowopd/training.py", "flowopd/data.py", "flowopd/sampling.py",
-                 "flowopd/sde.py", "flowopd/rewards", "flowopd/models", "flowopd/world"]
+TRAINING_DEPS = ["flowopd/phases.py", "flowopd/grpo.py", "flowopd/training.py", "flowopd/distributed.py", "flowopd/data.py",
+                 "flowopd/sampling.py", "flowopd/sde.py", "flowopd/rewards", "flowopd/models", "flowopd/world"]
 CODE_DEPS |= {
     "teacher": ["stages/teacher.py", *TRAINING_DEPS],
     "baseline": ["stages/baseline.py", *TRAINING_DEPS],

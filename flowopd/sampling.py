@@ -50,18 +50,25 @@ def sample(
     progress: bool = False,
     transformer=None,
     log_prob_reduction: str = "mean",
+    share: tuple[int, int] = (0, 1),
 ):
     """Draw one sample per condition row. -> x (B, C, H, W) fp32, or (x, Trajectory) with return_trajectory.
 
-    The initial noise is drawn on the generator's device, so a seeded CPU generator is reproducible anywhere.
+    The noise is drawn on the generator's device, so a seeded CPU generator is reproducible anywhere.
+    share (index, count): these B rows are share `index` of a batch of count x B split over processes; every
+    draw is made for the whole batch and this share's rows kept, so the split batch samples like the whole one.
     `transformer` overrides the bundle's (e.g. an EMA copy); runs without grad (trainers recompute log-probs).
     """
     device = cond.prompt_embeds.device
-    if x_init is None:
-        gen_device = generator.device if generator is not None else device
-        shape = (len(cond), *bundle.latent_shape)
-        x_init = torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32)
-    x = x_init.to(device=device, dtype=torch.float32)
+    gen_device = generator.device if generator is not None else device
+    index, count = share
+    rows = slice(index * len(cond), (index + 1) * len(cond))
+
+    def draw_noise() -> Tensor:
+        whole = (count * len(cond), *bundle.latent_shape)
+        return torch.randn(whole, generator=generator, device=gen_device, dtype=torch.float32)[rows]
+
+    x = (draw_noise() if x_init is None else x_init).to(device=device, dtype=torch.float32)
     sigmas = sigma_schedule(steps, shift)
     latents, log_probs = [x], []
     for t in tqdm(range(steps), disable=not progress, desc="sampling", leave=False):
@@ -71,7 +78,7 @@ def sample(
             x, _ = sde_step_mean_std(x, velocity, sigma, sigma_next, 0.0)  # Euler: x + (s' - s) v
         else:
             x, log_prob, _, _ = sde_step(
-                x, velocity, sigma, sigma_next, noise_level, generator=generator, reduction=log_prob_reduction
+                x, velocity, sigma, sigma_next, noise_level, reduction=log_prob_reduction, noise=draw_noise()
             )
             log_probs.append(log_prob)
         latents.append(x)

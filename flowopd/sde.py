@@ -118,18 +118,18 @@ def sde_step(
     generator: torch.Generator | None = None,
     prev_sample: Tensor | None = None,
     reduction: str = "mean",
+    noise: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One SDE step: draw x' = mu + std eps (or score the given prev_sample). -> (x', log p(x' | x), mu, std)
 
     The noise is drawn on the generator's device and moved to x's, so a seeded CPU generator gives the same
-    samples on every device.
+    samples on every device; `noise` passes eps drawn by the caller instead.
     """
     mean, std = sde_step_mean_std(x, velocity, sigma, sigma_next, noise_level)
     if prev_sample is None:
-        device = generator.device if generator is not None else mean.device
-        noise = torch.randn(mean.shape, generator=generator, device=device, dtype=torch.float32).to(
-            mean.device
-        )
-        prev_sample = mean + std * noise
+        if noise is None:
+            device = generator.device if generator is not None else mean.device
+            noise = torch.randn(mean.shape, generator=generator, device=device, dtype=torch.float32)
+        prev_sample = mean + std * noise.to(mean.device)
     log_prob = gaussian_log_prob(prev_sample.detach(), mean, std, reduction)
     return prev_sample.float(), log_prob, mean, std

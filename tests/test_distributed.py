@@ -1,0 +1,129 @@
+"""Several processes (accelerate launch, gloo on CPU) reach the weights of one process with the same global batch.
+
+Run: pytest -m distributed    (part of the default run too; each stage launch starts 2 Python processes)
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flowopd import cold_start, phases
+from flowopd.distributed import Processes, relaunch_if_asked
+from flowopd.grpo import run_teacher
+from flowopd.models.tiny import TinyBundle
+from flowopd.opd import run_opd
+from flowopd.phases import run_data
+from flowopd.pretrain import tiny_model_config
+from flowopd.sampling import sample
+from flowopd.spec import load_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+MICRO = ROOT / "tests" / "data" / "micro.yaml"
+# 2 prompts x 4 samples: 4 rows per process; groups of the same prompt straddle no process boundary, but the
+# advantages' and the OPD rewards' batch statistics still need the gathered batch (normalize_advantage).
+GRPO = {"steps": 3, "prompts_per_step": 2, "group_size": 4, "lr": 1e-3, "checkpoint_every": 1,
+        "ema": {"decay": 0.9, "every": 1}, "sampler": {"steps": 3}}
+OPD = {"steps": 3, "prompts_per_step": 2, "group_size": 4, "lr": 1e-3, "checkpoint_every": 1,
+       "reward_to_go": True, "normalize_advantage": True, "ema": {"decay": 0.9, "every": 1}, "sampler": {"steps": 3}}
+
+
+def fake_processes(index: int, count: int) -> Processes:
+    return Processes(SimpleNamespace(num_processes=count, process_index=index, device=torch.device("cpu")))
+
+
+def test_a_batch_split_in_shares_samples_like_the_whole_batch():
+    spec = load_spec(MICRO)
+    torch.manual_seed(0)
+    bundle = TinyBundle(tiny_model_config(spec)).eval()
+    cond = bundle.encode(["a red circle", "two blue squares", "the word OK", "a green triangle"])
+    options = {"steps": 3, "shift": 3.0, "cfg": 3.0, "noise_level": 0.7, "return_trajectory": True}
+    _, whole = sample(bundle, cond, generator=torch.Generator().manual_seed(5), **options)
+    for index in range(2):
+        rows = fake_processes(index, 2).rows(len(cond))
+        _, share = sample(bundle, cond.index(rows), generator=torch.Generator().manual_seed(5), share=(index, 2),
+                          **options)
+        torch.testing.assert_close(share.latents, whole.latents[:, rows], rtol=0, atol=1e-6)
+        torch.testing.assert_close(share.log_probs, whole.log_probs[:, rows], rtol=0, atol=1e-6)
+
+
+def test_a_batch_that_does_not_split_is_refused():
+    assert fake_processes(1, 2).rows(8) == slice(4, 8)
+    with pytest.raises(ValueError, match="8 samples does not split over 3 processes"):
+        fake_processes(0, 3).rows(8)
+
+
+def test_phases_without_a_split_refuse_a_multi_process_launch(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit, match="the cold_start phase runs in one process"):
+        cold_start.stage_main(["--spec", str(MICRO), "--out", "unused"])
+    with pytest.raises(SystemExit, match="the eval phase runs in one process"):
+        phases.stage_main("eval", ["--spec", str(MICRO), "--out", "unused"])
+
+
+def test_a_bad_process_count_is_refused(monkeypatch):
+    monkeypatch.setenv("FLOWOPD_PROCESSES", "two")
+    with pytest.raises(SystemExit, match="FLOWOPD_PROCESSES must be a positive integer, got 'two'"):
+        relaunch_if_asked([])
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distributed")
+    spec_file = root / "spec.yaml"
+    spec_file.write_text(f"extends: {MICRO}\nteachers:\n  quality:\n    grpo: {json.dumps(GRPO)}\n"
+                         f"opd: {json.dumps(OPD)}\n")
+    spec = load_spec(spec_file)
+    run_data(spec, root / "data")
+    torch.manual_seed(0)
+    TinyBundle(tiny_model_config(spec)).eval().save(root / "base")
+    return root, spec_file, spec
+
+
+def launch(stage: str, processes: int, *args) -> subprocess.CompletedProcess:
+    env = os.environ | {"FLOWOPD_PROCESSES": str(processes), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(ROOT / "stages" / f"{stage}.py"), *map(str, args), "--no-progress"]
+    done = subprocess.run(command, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def assert_same_weights(one: Path, two: Path):
+    a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5, msg=key)
+    base = load_file(one.parent / "base" / "model.safetensors")
+    assert any(not torch.equal(a[k], base[k]) for k in a if k.startswith("transformer."))  # it did train
+
+
+@pytest.mark.distributed
+def test_two_processes_train_the_teacher_of_one(inputs):
+    root, spec_file, spec = inputs
+    run_teacher(spec, "quality", root / "base", root / "data", root / "teacher_1", progress=False)
+    launch("teacher", 2, "--spec", spec_file, "--teacher", "quality", "--base", root / "base", "--data",
+           root / "data", "--out", root / "teacher_2")
+    assert_same_weights(root / "teacher_1", root / "teacher_2")
+    meta = json.loads((root / "teacher_2" / "meta.json").read_text())
+    assert meta["processes"] == 2
+    one, two = (Path(root / f"teacher_{n}" / "curve.csv").read_text().splitlines() for n in (1, 2))
+    assert one[0] == two[0] and len(one) == len(two) == 1 + GRPO["steps"]
+
+
+@pytest.mark.distributed
+def test_two_processes_distil_the_student_of_one(inputs):
+    root, spec_file, spec = inputs
+    teachers = {name: root / "base" for name in ("text", "objects")} | {"quality": root / "teacher_1"}
+    if not (root / "teacher_1").exists():
+        run_teacher(spec, "quality", root / "base", root / "data", root / "teacher_1", progress=False)
+    run_opd(spec, root / "base", root / "base", teachers, root / "data", root / "student_1", progress=False)
+    launch("opd", 2, "--spec", spec_file, "--init", root / "base", "--base", root / "base", "--data", root / "data",
+           "--out", root / "student_2", *[f"--teacher={name}={folder}" for name, folder in teachers.items()])
+    assert_same_weights(root / "student_1", root / "student_2")
+    assert json.loads((root / "student_2" / "meta.json").read_text())["processes"] == 2
