@@ -161,6 +161,44 @@ def merge_lora(adapters: list[dict], weights, mode: str = "linear", density: flo
     raise ValueError(f"lora_merge must be 'product' or 'factors', got {lora_merge!r}")
 
 
+def merged_adapter(adapters: list[dict], configs: list[dict], weights, mode: str = "linear", density: float = 0.2,
+                   scale: float = 1.0, lora_merge: str = "product") -> tuple[dict[str, Tensor], dict]:
+    """The LoRA teachers merged into ONE adapter, for a student on the shared frozen sd3 base. -> (state, config)
+
+    product, linear / task_arithmetic: exact, by concatenation: A = [A_1; ...; A_K], B = [c_1 B_1 | ... | c_K B_K],
+    c_k = (w_k / sum w, or scale w_k) alpha_k / r_k, and alpha = rank = sum r_k, so B A = merge_k((alpha_k / r_k)
+    B_k A_k) as merge_lora computes it; the student then trains an adapter of rank sum r_k.
+    factors: the A's and the B's merged separately by any mode (the reference code), rank r, the teachers' alpha.
+    product with ties merges full deltas element-wise, which no low-rank adapter holds: refused.
+    """
+    w = [float(x) for x in weights]
+    targets = {tuple(sorted(c["target_modules"])) for c in configs}
+    if len(targets) != 1:
+        raise ValueError(f"the teachers' adapters target different modules: {sorted(targets)}")
+    if lora_merge == "factors":
+        if len({c["alpha"] / c["rank"] for c in configs}) != 1 or len({c["rank"] for c in configs}) != 1:
+            raise ValueError("merging factors needs one rank and alpha for all adapters")
+        zero = None if mode == "linear" else {k: torch.zeros_like(v) for k, v in adapters[0].items()}
+        return merge_states(zero, adapters, w, mode, density, scale), dict(configs[0], dropout=0.0)
+    if lora_merge != "product":
+        raise ValueError(f"lora_merge must be 'product' or 'factors', got {lora_merge!r}")
+    if mode == "ties":
+        raise ValueError("a TIES merge of LoRA products is not low-rank, so no adapter holds it; for an sd3 student "
+                         "use mode linear or task_arithmetic, or lora_merge: factors")
+    if min(w) < 0 or sum(w) <= 0 or (mode == "linear" and scale != 1.0):
+        raise ValueError(f"merge weights must be >= 0 with a positive sum (got {w}) and linear takes no scale")
+    coefficients = [x / sum(w) for x in w] if mode == "linear" else [scale * x for x in w]
+    factors = [lora_factors(a) for a in adapters]
+    state = {}
+    for module in factors[0]:
+        a_k, b_k = zip(*(f[module] for f in factors), strict=True)
+        state[f"{module}.lora_A.weight"] = torch.cat(a_k, dim=0)
+        state[f"{module}.lora_B.weight"] = torch.cat(
+            [c * cfg["alpha"] / cfg["rank"] * b for c, cfg, b in zip(coefficients, configs, b_k, strict=True)], dim=1)
+    rank = sum(c["rank"] for c in configs)
+    return state, dict(configs[0], rank=rank, alpha=float(rank), dropout=0.0)
+
+
 def fold_delta(base: dict[str, Tensor], delta: dict[str, Tensor]) -> dict[str, Tensor]:
     """base + delta on the delta's keys (a merged LoRA delta into full weights)."""
     missing = [k for k in delta if k not in base]
@@ -301,10 +339,7 @@ def load_teachers(names, teacher_dirs: dict, base_dir: Path | None = None, confi
 
     if "base" in names and base_dir is None:
         raise SystemExit("the base model is needed (a route or the MAR anchor): pass --base")
-    missing = [name for name in names if name != "base" and name not in teacher_dirs]
-    if missing:
-        raise SystemExit(f"teachers {', '.join(map(repr, missing))} are needed: pass "
-                         + " ".join(f"--teacher {name}=DIR" for name in missing))
+    require_teacher_dirs(names, teacher_dirs)
     bundles = {}
     for name in names:
         folder = base_dir if name == "base" else teacher_dirs[name]
@@ -317,9 +352,21 @@ def load_teachers(names, teacher_dirs: dict, base_dir: Path | None = None, confi
     return bundles
 
 
+def require_teacher_dirs(names, teacher_dirs: dict) -> None:
+    """Stop with the command-line fix when a needed teacher's folder was not passed ("base" needs none)."""
+    missing = [name for name in names if name != "base" and name not in teacher_dirs]
+    if missing:
+        raise SystemExit(f"teachers {', '.join(map(repr, missing))} are needed: pass "
+                         + " ".join(f"--teacher {name}=DIR" for name in missing))
+
+
 def weights_sha(folder: Path | None) -> str | None:
-    path = None if folder is None else Path(folder) / "model.safetensors"
-    return sha256_file(path) if path is not None and path.exists() else None
+    """sha256 of a model artifact's weights: model.safetensors (tiny) or adapter.safetensors (sd3); None if none."""
+    for name in ("model.safetensors", "adapter.safetensors"):
+        path = None if folder is None else Path(folder) / name
+        if path is not None and path.exists():
+            return sha256_file(path)
+    return None
 
 
 def run_cold_start(spec, base_dir: Path | None, teacher_dirs: dict, data_dir: Path | None, out: Path,
@@ -327,9 +374,8 @@ def run_cold_start(spec, base_dir: Path | None, teacher_dirs: dict, data_dir: Pa
     """Write the student's starting model to `out` atomically (a TinyBundle, curve.csv for sft, provenance)."""
     from flowopd.phases import spec_identity, write_curve
 
-    if spec.model.kind != "tiny":
-        raise SystemExit("the cold start runs tiny specs only for now: sd3 teachers are LoRA adapters (merge them "
-                         "with flowopd.cold_start.merge_lora), but no stage loads an sd3 cold-start artifact yet")
+    if spec.model.kind == "sd3":
+        return sd3_cold_start(spec, teacher_dirs, out)
     started, start = now(), time.time()
     settings, method = spec.cold_start, spec.cold_start.method
     bundle = load_bundle(spec, base_dir)
@@ -363,6 +409,35 @@ def run_cold_start(spec, base_dir: Path | None, teacher_dirs: dict, data_dir: Pa
                       for n in used if n != "base"},
             started=started, finished=now(), seconds=round(time.time() - start, 2),
             weights_sha256=sha256_file(weights_file),
+        )
+
+
+def sd3_cold_start(spec, teacher_dirs: dict, out: Path) -> None:
+    """sd3: the student's starting adapter, merged from the teachers' (merged_adapter; no model is loaded), or none
+    (an artifact without adapter: OPD starts a fresh one on the base). SFT on sd3 is not implemented."""
+    from flowopd.models.sd3 import read_adapter, write_adapter
+    from flowopd.phases import spec_identity
+
+    started, start = now(), time.time()
+    settings, method = spec.cold_start, spec.cold_start.method
+    if method == "sft":
+        raise SystemExit("an sft cold start of an sd3 spec is not implemented; use method merge or none")
+    used = [name for name, weight in settings.weights.items() if weight > 0] if method == "merge" else []
+    require_teacher_dirs(used, teacher_dirs)
+    with atomic_folder(out) as folder:
+        extra, weights_file = {}, None
+        if method == "merge":
+            adapters = [read_adapter(teacher_dirs[name]) for name in used]
+            state, config = merged_adapter([a for a, _ in adapters], [c for _, c in adapters],
+                                           [settings.weights[n] for n in used], settings.mode, settings.ties_density,
+                                           settings.scale, settings.lora_merge)
+            weights_file = write_adapter(folder, state, config)
+            extra = {"mode": settings.mode, "weights": {n: settings.weights[n] for n in used}, "rank": config["rank"]}
+        write_provenance(
+            folder, "cold_start", cold_start_sub_spec(spec), **spec_identity(spec), method=method, **extra,
+            teachers={n: {"dir": str(teacher_dirs[n]), "sha256": weights_sha(teacher_dirs[n])} for n in used},
+            started=started, finished=now(), seconds=round(time.time() - start, 2),
+            weights_sha256=None if weights_file is None else sha256_file(weights_file),
         )
 
 

@@ -20,6 +20,8 @@ from flowopd.data import read_prompts, world_config
 from flowopd.rewards import task_reward
 from flowopd.sampling import sample
 
+EVAL_BATCH = {"tiny": 64, "sd3": 8}  # prompts per sampling call (the noise depends on it); sd3: 16 rows with CFG
+
 
 @torch.no_grad()
 def generate(bundle, prompts, sampler, seed: int, batch_size: int = 64, progress=None) -> np.ndarray:
@@ -72,7 +74,7 @@ def evaluate(bundle, spec, prompts_folder: Path, out: Path, progress: bool = Tru
         per_seed: dict[str, list[float]] = {}
         bar = tqdm(total=len(prompts) * len(evaluation.seeds), desc=f"eval {task_name}", disable=not progress)
         for seed in evaluation.seeds:
-            images = generate(bundle, prompts, evaluation.sampler, seed, progress=bar)
+            images = generate(bundle, prompts, evaluation.sampler, seed, EVAL_BATCH[spec.model.kind], progress=bar)
             scores = reward(images, prompts)
             for metric, values in scores.items():
                 per_seed.setdefault(metric, []).append(float(np.mean(values)))

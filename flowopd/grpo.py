@@ -369,6 +369,22 @@ def load_bundle(spec, base_dir: Path | None, device: torch.device | None = None)
     return bundle.to(device) if device.type != "cpu" else bundle
 
 
+def load_model(spec, folder: Path, device: torch.device | None = None):
+    """A model artifact as a bundle: tiny: the whole TinyBundle; sd3: the pretrained base with the folder's adapter
+    active (a folder without one, e.g. a `none` cold start: the bare base)."""
+    if spec.model.kind == "tiny":
+        from flowopd.models.tiny import TinyBundle
+
+        return TinyBundle.load(folder)
+    from flowopd.models.sd3 import ADAPTER_WEIGHTS
+
+    bundle = load_bundle(spec, None, device)
+    if (Path(folder) / ADAPTER_WEIGHTS).exists():
+        bundle.load_adapter("model", folder)
+        bundle.set_adapter("model")
+    return bundle
+
+
 def lora_settings(spec, settings):
     """The phase's own adapter, else the model's (sd3), else None: train all weights (tiny default)."""
     if settings.lora is not None:

@@ -42,6 +42,7 @@ from flowopd.grpo import (
 from flowopd.phases import opd_sub_spec  # the sub-spec the stage is keyed on (flowopd.pipeline)
 from flowopd.sde import gaussian_log_prob, sde_step_mean_std, step_kl
 from flowopd.training import (
+    ADAPTER,
     EMA,
     Checkpoints,
     checkpoint_folder,
@@ -138,6 +139,7 @@ class OPDTrainer:
     anchor is one of the teacher objects, its rows reuse that teacher's forward. Driven by grpo.train(); the rollout
     and the checkpoint state are GRPOTrainer's own (same prompts, noise and timesteps per step). processes: this
     process's share of the batch (flowopd.distributed); rewards are gathered so advantages are the whole batch's.
+    init_adapter: starting weights of the student's LoRA adapter (sd3: the cold start's merged adapter).
     """
 
     rollout = GRPOTrainer.rollout  # needs bundle, settings, prompts, prompt_tasks, seed
@@ -146,7 +148,7 @@ class OPDTrainer:
     apply_ema = GRPOTrainer.apply_ema
 
     def __init__(self, bundle, settings, prompts, routes, teachers: dict, anchor=None, mar_weight: float = 0.0, *,
-                 seed: int = 0, lora=None, processes: Processes | None = None):
+                 seed: int = 0, lora=None, init_adapter: dict | None = None, processes: Processes | None = None):
         sampler = settings.sampler
         self.processes = processes or Processes()
         self.processes.rows(settings.prompts_per_step * settings.group_size)  # refuses a batch that does not split
@@ -172,6 +174,8 @@ class OPDTrainer:
         self.anchor_alias = next((n for n in self.teacher_names if teachers[n] is anchor), None)
         torch.manual_seed(seed)  # LoRA's gaussian A
         self.named_params = prepare_policy(bundle, lora)
+        if init_adapter is not None:
+            bundle.load_adapter_state_dict(ADAPTER, init_adapter)
         self.params = list(self.named_params.values())
         self.optimizer = make_optimizer(self.params, settings.lr)
         self.ema = EMA(self.params, settings.ema.decay, settings.ema.every) if settings.ema else None
@@ -312,15 +316,12 @@ class OPDTrainer:
 def run_opd(spec, init_dir: Path, base_dir: Path | None, teacher_dirs: dict, data_dir: Path, out: Path,
             curve_path: Path | None = None, progress: bool = True) -> None:
     """OPD from the cold-start artifact `init_dir` on all tasks' train prompts; writes `out` atomically (the EMA
-    student as a TinyBundle, curve.csv, provenance). Resumes from `<out>.ckpt` like the GRPO phases."""
-    from flowopd.cold_start import load_teachers, weights_sha
-    from flowopd.models.tiny import TinyBundle
+    student: a TinyBundle, or an sd3 adapter; curve.csv, provenance). Resumes from `<out>.ckpt` like the GRPO
+    phases. sd3: student, teachers and anchor are adapters on ONE frozen base (sd3_models)."""
+    from flowopd.cold_start import weights_sha
     from flowopd.phases import spec_identity, write_curve
     from flowopd.router import Router, format_summary, training_prompts
 
-    if spec.model.kind != "tiny":
-        raise SystemExit("OPD runs tiny specs only for now: sd3 teachers are LoRA adapters, and no stage loads them "
-                         "beside the student yet")
     started, start, out, settings = now(), time.time(), Path(out), spec.opd
     processes = Processes.from_environment()
     prompts, tasks = training_prompts(spec, data_dir)
@@ -329,20 +330,20 @@ def run_opd(spec, init_dir: Path, base_dir: Path | None, teacher_dirs: dict, dat
     counts = router.summary(prompts, tasks)
     if processes.is_main:
         print(format_summary(counts))
-    student = TinyBundle.load(init_dir)
     anchor_name = spec.mar.anchor if spec.mar.weight > 0 else None
     needed = [*counts, *([anchor_name] if anchor_name and anchor_name not in counts else [])]
-    models = load_teachers(needed, teacher_dirs, base_dir, config=student.config)
-    student_text = student.text_encoder.state_dict()
-    for name, model in models.items():
-        if any(not torch.equal(v, student_text[k]) for k, v in model.text_encoder.state_dict().items()):
-            raise SystemExit(f"{name}'s text encoder differs from the student's: OPD evaluates every teacher on the "
-                             "student's prompt embeddings, so all must share the frozen encoder")
-    lora = lora_settings(spec, settings)
+    if spec.model.kind == "tiny":
+        student, models = tiny_models(init_dir, needed, teacher_dirs, base_dir)
+        lora, init_adapter = lora_settings(spec, settings), None
+    else:
+        student, models, lora, init_adapter = sd3_models(spec, init_dir, needed, teacher_dirs, processes.device)
     trainer = OPDTrainer(student, settings, prompts, routes, {n: models[n] for n in counts},
-                         models.get(anchor_name), spec.mar.weight, seed=spec.seed, lora=lora, processes=processes)
+                         models.get(anchor_name), spec.mar.weight, seed=spec.seed, lora=lora,
+                         init_adapter=init_adapter, processes=processes)
+    if spec.model.kind == "sd3":
+        student.set_adapter(ADAPTER)  # the student rolls out; teachers switch in per forward (adapter_velocity)
     sub_spec = opd_sub_spec(spec)
-    folders = {n: base_dir if n == "base" else teacher_dirs[n] for n in models}
+    folders = {n: base_dir if n == "base" else teacher_dirs[n] for n in models if n != "base" or base_dir}
     inputs = {"init_sha256": weights_sha(init_dir), "teachers": {n: weights_sha(f) for n, f in folders.items()}}
     prompt_digest = hashlib.sha256("\n".join(f"{t}\t{p.text}" for p, t in zip(prompts, tasks)).encode()).hexdigest()
     fingerprint = canonical_hash({"sub_spec": sub_spec, "inputs": inputs, "prompts": prompt_digest})
@@ -368,6 +369,48 @@ def run_opd(spec, init_dir: Path, base_dir: Path | None, teacher_dirs: dict, dat
         write_curve(curve_path, curve)
     checkpoints.clear()
     processes.wait()
+
+
+def tiny_models(init_dir: Path, names: list[str], teacher_dirs: dict, base_dir: Path | None):
+    """The student (the cold-start TinyBundle) and the named teachers ("base" included) as frozen TinyBundles."""
+    from flowopd.cold_start import load_teachers
+    from flowopd.models.tiny import TinyBundle
+
+    student = TinyBundle.load(init_dir)
+    models = load_teachers(names, teacher_dirs, base_dir, config=student.config)
+    student_text = student.text_encoder.state_dict()
+    for name, model in models.items():
+        if any(not torch.equal(v, student_text[k]) for k, v in model.text_encoder.state_dict().items()):
+            raise SystemExit(f"{name}'s text encoder differs from the student's: OPD evaluates every teacher on the "
+                             "student's prompt embeddings, so all must share the frozen encoder")
+    return student, models
+
+
+def sd3_models(spec, init_dir: Path, names: list[str], teacher_dirs: dict, device):
+    """The adapter plan: ONE frozen SD3 base; each named teacher's adapter loaded beside it (frozen), "base" the
+    bare base. -> (bundle, {name: velocity}, the student's LoRA settings, its starting adapter or None).
+    The student starts from the cold start's adapter (merge) or, without one (none), a fresh adapter (B = 0)."""
+    from flowopd.cold_start import require_teacher_dirs
+    from flowopd.grpo import load_bundle
+    from flowopd.models.sd3 import ADAPTER_WEIGHTS, read_adapter
+    from flowopd.spec import LoraSettings
+
+    if ADAPTER in names:
+        raise SystemExit(f"a teacher may not be named {ADAPTER!r}: the student's adapter has that name")
+    require_teacher_dirs(names, teacher_dirs)
+    bundle = load_bundle(spec, None, device)
+    for name in names:
+        if name != "base":
+            bundle.load_adapter(name, teacher_dirs[name], trainable=False)
+    velocities = {name: bundle.adapter_velocity(None if name == "base" else name) for name in names}
+    if (Path(init_dir) / ADAPTER_WEIGHTS).exists():
+        init_adapter, config = read_adapter(init_dir)
+        return bundle, velocities, LoraSettings(**config), init_adapter
+    lora = lora_settings(spec, spec.opd)
+    if lora is None:
+        raise SystemExit("OPD on sd3 trains a LoRA adapter beside the teachers' on one frozen base: set opd.lora "
+                         "or model.lora")
+    return bundle, velocities, lora, None
 
 
 def stage_main(argv: list[str] | None = None) -> None:

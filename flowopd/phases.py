@@ -128,11 +128,12 @@ def run_base(spec, out: Path, curve_path: Path | None = None, progress: bool = T
 def run_eval(
     spec, model_dir: Path, data_dir: Path, label: str, out: Path, metrics_path: Path | None = None, progress=True
 ) -> None:
+    from flowopd.cold_start import weights_sha
     from flowopd.evaluate import evaluate
-    from flowopd.models.tiny import TinyBundle
+    from flowopd.grpo import load_model
 
     started, start = now(), time.time()
-    bundle = TinyBundle.load(model_dir)
+    bundle = load_model(spec, model_dir)
     with atomic_folder(out) as folder:
         record = evaluate(bundle, spec, data_dir, folder, progress=progress)
         write_provenance(
@@ -142,7 +143,7 @@ def run_eval(
             **spec_identity(spec),
             model=label,
             model_dir=str(model_dir),
-            model_sha256=sha256_file(Path(model_dir) / "model.safetensors"),
+            model_sha256=weights_sha(model_dir),
             model_sections_hash=json.loads((Path(model_dir) / "meta.json").read_text())["sections_hash"],
             started=started,
             finished=now(),

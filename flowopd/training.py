@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import os
 import random
 import shutil
@@ -239,7 +238,6 @@ def save_policy(bundle, folder: Path, lora) -> Path:
     tiny: a whole TinyBundle (model.safetensors + model_config.json, LoRA merged), loadable by TinyBundle.load.
     sd3 with LoRA: the adapter (adapter.safetensors + adapter.json); sd3 full: transformer/ (save_pretrained).
     """
-    from safetensors.torch import save_file
 
     from flowopd.models.tiny import TinyBundle
 
@@ -252,9 +250,6 @@ def save_policy(bundle, folder: Path, lora) -> Path:
         clean.save(folder)
         return folder / "model.safetensors"
     if lora is not None:
-        weights = {k: v.detach().contiguous().cpu() for k, v in bundle.adapter_state_dict(ADAPTER).items()}
-        save_file(weights, folder / "adapter.safetensors")
-        (folder / "adapter.json").write_text(json.dumps(lora.model_dump(mode="json"), indent=2, sort_keys=True) + "\n")
-        return folder / "adapter.safetensors"
+        return bundle.save_adapter(ADAPTER, folder, lora.model_dump(mode="json"))
     bundle.transformer.save_pretrained(folder / "transformer", safe_serialization=True)
     return folder / "transformer" / "diffusion_pytorch_model.safetensors"

@@ -224,7 +224,10 @@ def test_sft_fine_tunes_the_base_on_the_best_teacher_samples(inputs, tmp_path):
     assert len((outs[0] / "curve.csv").read_text().splitlines()) == 1 + 3
 
 
-def test_sd3_specs_stop_with_a_clear_message(tmp_path):
-    spec = load_spec(Path(__file__).parents[1] / "specs/sd3/flow_opd.yaml")
-    with pytest.raises(SystemExit, match="tiny specs only"):
-        run_cold_start(spec, None, {}, None, tmp_path / "out", progress=False)
+def test_sd3_cold_starts_stop_with_a_clear_message(tmp_path):
+    specs = Path(__file__).parents[1] / "specs" / "sd3"
+    with pytest.raises(SystemExit, match="'geneval', 'ocr', 'pickscore' are needed: pass --teacher deqa=DIR --teacher"):
+        run_cold_start(load_spec(specs / "flow_opd.yaml"), None, {}, None, tmp_path / "out", progress=False)
+    with pytest.raises(SystemExit, match="sft cold start of an sd3 spec is not implemented"):
+        run_cold_start(load_spec(specs / "sft_init.yaml"), None, {}, None, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

@@ -9,15 +9,20 @@ frozen base transformer and the active one is switched per routed group (`set_ad
 from __future__ import annotations
 
 import contextlib
+import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
 
 from flowopd.models.base import Condition, transformer_velocity
+
+ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter.safetensors", "adapter.json"  # an sd3 model artifact: one adapter
 
 # Flow-GRPO's LoRA targets for SD3: the joint attention's image and text projections.
 SD3_LORA_TARGETS = (
@@ -248,3 +253,31 @@ class SD3Bundle:
             raise ValueError(
                 f"adapter {name!r}: unexpected {result.unexpected_keys[:3]}, missing {missing[:3]}"
             )
+
+    # -- adapters as artifacts (read_adapter / write_adapter) -------------------------------------------------
+    def save_adapter(self, name: str, folder: Path, config: dict) -> Path:
+        """Write adapter `name` and its LoRA settings (rank, alpha, target_modules, dropout); -> the weights file."""
+        return write_adapter(folder, self.adapter_state_dict(name), config)
+
+    def load_adapter(self, name: str, folder: Path, trainable: bool = False) -> dict:
+        """Add adapter `name` from an artifact folder written by save_adapter; -> its LoRA settings."""
+        state, config = read_adapter(folder)
+        self.add_lora(name, rank=config["rank"], alpha=config["alpha"], target_modules=config["target_modules"],
+                      dropout=config.get("dropout", 0.0), trainable=trainable)
+        self.load_adapter_state_dict(name, {k: v.to(self.device) for k, v in state.items()})
+        return config
+
+
+def write_adapter(folder: Path, state: dict[str, torch.Tensor], config: dict) -> Path:
+    """An sd3 model artifact: adapter.safetensors (peft keys without the adapter's name) + adapter.json."""
+    folder = Path(folder)
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, folder / ADAPTER_WEIGHTS)
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return folder / ADAPTER_WEIGHTS
+
+
+def read_adapter(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    folder = Path(folder)
+    if not (folder / ADAPTER_WEIGHTS).exists():
+        raise FileNotFoundError(f"{folder} holds no {ADAPTER_WEIGHTS}: not an sd3 adapter artifact")
+    return load_file(folder / ADAPTER_WEIGHTS), json.loads((folder / ADAPTER_CONFIG).read_text())
