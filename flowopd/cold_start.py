@@ -32,7 +32,7 @@ from flowopd.models.base import Condition
 from flowopd.phases import cold_start_sub_spec  # the sub-spec the stage is keyed on (flowopd.pipeline)
 from flowopd.router import Router, format_summary, training_prompts
 from flowopd.sampling import sample
-from flowopd.training import make_optimizer, prepare_policy, save_policy, step_generator
+from flowopd.training import ADAPTER, make_optimizer, prepare_policy, save_policy, step_generator
 
 MERGE_MODES = ("linear", "task_arithmetic", "ties")
 SAMPLE_STREAM, TRAIN_STREAM = 11, 12  # random streams of the SFT cold start (GRPO's are 1-3)
@@ -375,7 +375,7 @@ def run_cold_start(spec, base_dir: Path | None, teacher_dirs: dict, data_dir: Pa
     from flowopd.phases import spec_identity, write_curve
 
     if spec.model.kind == "sd3":
-        return sd3_cold_start(spec, teacher_dirs, out)
+        return sd3_cold_start(spec, teacher_dirs, data_dir, out, progress)
     started, start = now(), time.time()
     settings, method = spec.cold_start, spec.cold_start.method
     bundle = load_bundle(spec, base_dir)
@@ -412,30 +412,54 @@ def run_cold_start(spec, base_dir: Path | None, teacher_dirs: dict, data_dir: Pa
         )
 
 
-def sd3_cold_start(spec, teacher_dirs: dict, out: Path) -> None:
-    """sd3: the student's starting adapter, merged from the teachers' (merged_adapter; no model is loaded), or none
-    (an artifact without adapter: OPD starts a fresh one on the base). SFT on sd3 is not implemented."""
+def sd3_cold_start(spec, teacher_dirs: dict, data_dir: Path | None, out: Path, progress: bool = True) -> None:
+    """sd3: the student's starting adapter. merge: from the teachers' (merged_adapter; no model is loaded). sft: a
+    new adapter on the base fitted to samples of the teachers' adapters, all on one transformer. none: an artifact
+    without adapter (OPD starts a fresh one on the base)."""
     from flowopd.models.sd3 import read_adapter, write_adapter
-    from flowopd.phases import spec_identity
+    from flowopd.phases import spec_identity, write_curve
 
     started, start = now(), time.time()
     settings, method = spec.cold_start, spec.cold_start.method
-    if method == "sft":
-        raise SystemExit("an sft cold start of an sd3 spec is not implemented; use method merge or none")
-    used = [name for name, weight in settings.weights.items() if weight > 0] if method == "merge" else []
-    require_teacher_dirs(used, teacher_dirs)
+    extra, used, write_weights = {}, [], None  # write_weights(folder) -> the weights file
+    if method == "merge":
+        used = [name for name, weight in settings.weights.items() if weight > 0]
+        require_teacher_dirs(used, teacher_dirs)
+        adapters = [read_adapter(teacher_dirs[name]) for name in used]
+        state, config = merged_adapter([a for a, _ in adapters], [c for _, c in adapters],
+                                       [settings.weights[n] for n in used], settings.mode, settings.ties_density,
+                                       settings.scale, settings.lora_merge)
+        extra = {"mode": settings.mode, "weights": {n: settings.weights[n] for n in used}, "rank": config["rank"]}
+
+        def write_weights(folder):
+            return write_adapter(folder, state, config)
+    elif method == "sft":
+        if data_dir is None:
+            raise SystemExit("an sft cold start samples the train prompts: pass --data")
+        lora = settings.lora or spec.model.lora
+        if lora is None:
+            raise SystemExit("an sd3 student is a LoRA adapter beside the teachers': set cold_start.lora or model.lora")
+        prompts, tasks = training_prompts(spec, data_dir)
+        used = list(Router.from_spec(spec).summary(prompts, tasks))
+        require_teacher_dirs(used, teacher_dirs)
+        bundle = load_bundle(spec, None)
+        for name in used:
+            if name != "base":
+                bundle.load_adapter(name, teacher_dirs[name], trainable=False)
+        teachers = {name: bundle.adapter_bundle(None if name == "base" else name) for name in used}
+        sft_spec = spec.model_copy(update={"cold_start": settings.model_copy(update={"lora": lora})})  # sft trains it
+        curve, extra = sft_cold_start(sft_spec, bundle, teachers, prompts, tasks, progress)
+        extra["prompts_sha256"] = canonical_hash([p.text for p in prompts])
+
+        def write_weights(folder):
+            write_curve(folder / "curve.csv", curve)
+            return bundle.save_adapter(ADAPTER, folder, lora.model_dump(mode="json"))
     with atomic_folder(out) as folder:
-        extra, weights_file = {}, None
-        if method == "merge":
-            adapters = [read_adapter(teacher_dirs[name]) for name in used]
-            state, config = merged_adapter([a for a, _ in adapters], [c for _, c in adapters],
-                                           [settings.weights[n] for n in used], settings.mode, settings.ties_density,
-                                           settings.scale, settings.lora_merge)
-            weights_file = write_adapter(folder, state, config)
-            extra = {"mode": settings.mode, "weights": {n: settings.weights[n] for n in used}, "rank": config["rank"]}
+        weights_file = write_weights(folder) if write_weights is not None else None
         write_provenance(
             folder, "cold_start", cold_start_sub_spec(spec), **spec_identity(spec), method=method, **extra,
-            teachers={n: {"dir": str(teacher_dirs[n]), "sha256": weights_sha(teacher_dirs[n])} for n in used},
+            teachers={n: {"dir": str(teacher_dirs[n]), "sha256": weights_sha(teacher_dirs[n])}
+                      for n in used if n != "base"},
             started=started, finished=now(), seconds=round(time.time() - start, 2),
             weights_sha256=None if weights_file is None else sha256_file(weights_file),
         )

@@ -228,6 +228,6 @@ def test_sd3_cold_starts_stop_with_a_clear_message(tmp_path):
     specs = Path(__file__).parents[1] / "specs" / "sd3"
     with pytest.raises(SystemExit, match="'geneval', 'ocr', 'pickscore' are needed: pass --teacher deqa=DIR --teacher"):
         run_cold_start(load_spec(specs / "flow_opd.yaml"), None, {}, None, tmp_path / "out", progress=False)
-    with pytest.raises(SystemExit, match="sft cold start of an sd3 spec is not implemented"):
+    with pytest.raises(SystemExit, match="an sft cold start samples the train prompts: pass --data"):
         run_cold_start(load_spec(specs / "sft_init.yaml"), None, {}, None, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()

@@ -149,3 +149,23 @@ def test_sd3_opd_trains_the_student_adapter_only_then_evaluates_it(world):
     headline = json.loads((root / "metrics.json").read_text())["flow_opd"]
     assert set(headline) == {"sign", "poster"} and all(0.0 <= v <= 1.0 for v in headline.values())
     assert (root / "eval" / "grid_sign.png").exists()
+
+
+def test_sd3_sft_cold_start_fits_a_new_adapter_to_the_teachers_samples(world):
+    root, _, teacher_dirs = world
+    (root / "sft.yaml").write_text(f"extends: {root / 'spec.yaml'}\n" + yaml.safe_dump({"cold_start": {
+        "method": "sft", "steps": 2, "batch_size": 2, "lr": 1e-2, "samples_per_prompt": 2, "best_of_group": True,
+        "sampler": {"steps": 2, "noise_level": 0.0}}}))
+    spec = load_spec(root / "sft.yaml")
+    before = {name: load_file(folder / "adapter.safetensors") for name, folder in teacher_dirs.items()}
+    run_cold_start(spec, None, teacher_dirs, root / "data", root / "sft", progress=False)
+    student, config = read_adapter(root / "sft")
+    assert config["rank"] == LORA["rank"] and student.keys() == before["sign"].keys()
+    assert any(v.abs().sum() > 0 for k, v in student.items() if "lora_B" in k)  # B starts at 0: it trained
+    for name, folder in teacher_dirs.items():
+        after = load_file(folder / "adapter.safetensors")
+        assert all(torch.equal(after[k], before[name][k]) for k in after)
+    meta = json.loads((root / "sft" / "meta.json").read_text())
+    assert meta["method"] == "sft" and meta["samples"] == 8 and meta["routing"] == {"sign": 4, "poster": 4}
+    assert len((root / "sft" / "curve.csv").read_text().splitlines()) == 1 + 2
+

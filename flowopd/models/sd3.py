@@ -242,6 +242,11 @@ class SD3Bundle:
         velocity.adapter = name
         return velocity
 
+    def adapter_bundle(self, name: str | None) -> AdapterBundle:
+        """One adapter (None: the bare base) as a bundle of its own, for code that samples a bundle."""
+        self.adapter_velocity(name)  # checks the name
+        return AdapterBundle(self, name)
+
     def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
         return get_peft_model_state_dict(self.transformer, adapter_name=name)
 
@@ -266,6 +271,24 @@ class SD3Bundle:
                       dropout=config.get("dropout", 0.0), trainable=trainable)
         self.load_adapter_state_dict(name, {k: v.to(self.device) for k, v in state.items()})
         return config
+
+
+class AdapterBundle:
+    """An SD3Bundle seen through one of its adapters: encode, decode and latent_shape are the bundle's; velocity runs
+    with the adapter active and restores the previous one (SD3Bundle.using_adapter)."""
+
+    def __init__(self, bundle: SD3Bundle, name: str | None):
+        self.bundle, self.name, self.latent_shape = bundle, name, bundle.latent_shape
+
+    def encode(self, texts: list[str]) -> Condition:
+        return self.bundle.encode(texts)
+
+    def decode(self, x: torch.Tensor) -> np.ndarray:
+        return self.bundle.decode(x)
+
+    def velocity(self, x, sigma, cond: Condition, cfg: float = 1.0, transformer=None) -> torch.Tensor:
+        with self.bundle.using_adapter(self.name):
+            return self.bundle.velocity(x, sigma, cond, cfg, transformer)
 
 
 def write_adapter(folder: Path, state: dict[str, torch.Tensor], config: dict) -> Path:
