@@ -9,8 +9,11 @@ One OPD step k:
        sampled   r_t = log N(x_{t+1}; mu_T, std^2) - log p_old(x_{t+1} | x_t)     E[r_t] = -KL, grad: -grad KL
        analytic  r_t = -KL(N(mu_old, std^2) || N(mu_T, std^2))                    constant in x_{t+1}
    A_t = r_t, or the reward-to-go sum_{t' >= t} r_t' over the trained steps, optionally standardised per step;
+   credit "element" keeps each latent element's own log-ratio r_{t,d} as the advantage of that element's log-prob
+   (per-token OPD with the elements as tokens): the same expected gradient without the other elements' noise;
 4. loss over the trained steps (mean over samples, mean over steps), one clipped AdamW update per inner epoch:
        L_t = PPO-clip(A_t, ratio)                            sampled, analytic   (grpo.ppo_clip_loss)
+       L_t = reduce_d PPO-clip(A_{t,d}, ratio_d)             the same, credit "element"
        L_t = KL(p_theta step || teacher step)                analytic_grad       (differentiable, GKD-style)
        L_t += lambda KL(p_theta step || anchor step)         MAR, differentiable (lambda = mar.weight)
 5. every `ema.every` steps the EMA of the weights moves; the EMA is what the phase saves.
@@ -40,7 +43,7 @@ from flowopd.grpo import (
     trained_steps,
 )
 from flowopd.phases import opd_sub_spec  # the sub-spec the stage is keyed on (flowopd.pipeline)
-from flowopd.sde import gaussian_log_prob, sde_step_mean_std, step_kl
+from flowopd.sde import gaussian_log_prob, reduce_elements, sde_step_mean_std, step_kl
 from flowopd.training import (
     ADAPTER,
     EMA,
@@ -54,6 +57,7 @@ from flowopd.training import (
 )
 
 ESTIMATORS = ("sampled", "analytic", "analytic_grad")
+CREDITS = ("step", "element")
 
 
 # ---------------------------------------------------------------- the math, as small pure functions
@@ -64,8 +68,9 @@ def nats_per_unit(x: Tensor, reduction: str) -> int:
 
 @torch.no_grad()
 def step_rewards(estimator: str, x_next: Tensor, mean_student: Tensor, mean_teacher: Tensor, std,
-                 old_log_prob: Tensor | None = None, reduction: str = "mean") -> Tensor:
-    """Per-sample reward (B,) of one step, detached, in nats (of the whole step's density).
+                 old_log_prob: Tensor | None = None, reduction: str = "mean", credit: str = "step") -> Tensor:
+    """Per-sample reward (B,) of one step, detached, in nats (of the whole step's density); credit "element": per
+    element (B, ...), in nats of that element, from the student's step mean (old_log_prob is not used).
 
     sampled:  r = log N(x'; mu_T, std^2) - log p_old(x' | x); old_log_prob is the rollout's (reduced by
               `reduction`), or log N(x'; mean_student, std^2) when None.
@@ -74,6 +79,14 @@ def step_rewards(estimator: str, x_next: Tensor, mean_student: Tensor, mean_teac
     E[r grad log p_mean] = -grad KL / D = -grad KL_mean is the gradient of the analytic_grad loss and on the same
     scale as the MAR term (both KL_mean); rewards in mean units would shrink it D times more.
     """
+    if credit == "element":
+        if estimator == "sampled":
+            return (gaussian_log_prob(x_next, mean_teacher, std, "none")
+                    - gaussian_log_prob(x_next, mean_student, std, "none"))
+        if estimator == "analytic":
+            return -step_kl(mean_student, mean_teacher, std, "none")
+    elif credit != "step":
+        raise ValueError(f"credit must be one of {', '.join(CREDITS)}, got {credit!r}")
     units = nats_per_unit(x_next, reduction)
     if estimator == "sampled":
         if old_log_prob is None:
@@ -88,15 +101,16 @@ def step_rewards(estimator: str, x_next: Tensor, mean_student: Tensor, mean_teac
 
 def step_advantages(rewards: Tensor, reward_to_go: bool = False, normalize: bool = False,
                     eps: float = ADV_EPS) -> Tensor:
-    """rewards (T, B) of the trained steps in order -> advantages (T, B).
+    """rewards (T, B) of the trained steps in order -> advantages (T, B); (T, B, ...) per element likewise.
 
     reward_to_go: A_t = sum_{t' >= t} r_t'; normalize: A_t = (A_t - mean_b A_t) / (std_b A_t + eps) per step, the
-    population std over the batch.
+    population std over the batch (and the elements).
     """
     advantages = rewards.flip(0).cumsum(0).flip(0) if reward_to_go else rewards
     if normalize:
-        advantages = (advantages - advantages.mean(1, keepdim=True)) / (advantages.std(1, keepdim=True,
-                                                                                       correction=0) + eps)
+        dims = tuple(range(1, rewards.ndim))
+        advantages = (advantages - advantages.mean(dims, keepdim=True)) / (advantages.std(dims, keepdim=True,
+                                                                                          correction=0) + eps)
     return advantages
 
 
@@ -107,11 +121,14 @@ def step_loss(estimator: str, log_prob: Tensor, old_log_prob: Tensor, mean: Tens
 
     sampled / analytic: PPO-clip with the advantages; analytic_grad: KL(N(mean, std^2) || N(mu_T, std^2));
     plus mar_weight * KL(N(mean, std^2) || N(mu_A, std^2)) when an anchor mean is given and the weight > 0.
+    Per-element advantages (credit "element") take per-element log-probs (B, ...): each element's PPO-clip term,
+    reduced over the elements by `reduction`.
     """
     if estimator == "analytic_grad":
         policy, ratio = step_kl(mean, mean_teacher, std, reduction), None
     elif estimator in ESTIMATORS:
         policy, ratio = ppo_clip_loss(log_prob, old_log_prob, advantages, clip_eps)
+        policy = reduce_elements(policy, reduction) if policy.ndim > 1 else policy
     else:
         raise ValueError(f"estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}")
     loss, mar_kl = policy, None
@@ -212,19 +229,20 @@ class OPDTrainer:
 
     # -- 3. rewards -------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def rewards(self, rollout, steps: list[int], targets: dict, common: dict) -> Tensor:
-        """(T, B) per-step rewards of the trained steps, under the rollout policy (before any update)."""
-        traj, estimator, rows = rollout.trajectory, self.settings.estimator, []
+    def rewards(self, rollout, steps: list[int], targets: dict, common: dict) -> tuple[Tensor, list | None]:
+        """(T, B) per-step rewards of the trained steps, under the rollout policy (before any update). Credit
+        "element": (T, B, ...) per element, and each step's per-element log p_old(x' | x) for the loss's ratios."""
+        traj, estimator, credit = rollout.trajectory, self.settings.estimator, self.settings.credit
+        rows, old_elements = [], []
         for t in steps:
-            x, x_next = traj.latents[t], traj.latents[t + 1]
+            x_next = traj.latents[t + 1]
             mean_teacher, _, std = targets[t]
-            mean_student = None
-            if estimator == "analytic":  # the rollout policy's own step mean
-                mean_student = step_log_prob(self.bundle, x, x_next, traj.sigmas[t].item(), traj.sigmas[t + 1].item(),
-                                             rollout.cond, **common)[1]
+            mean_student = traj.means[t]  # the rollout policy's own step mean, which x_next was drawn around
+            if credit == "element":
+                old_elements.append(gaussian_log_prob(x_next, mean_student, std, "none"))
             rows.append(step_rewards(estimator, x_next, mean_student, mean_teacher, std, traj.log_probs[t],
-                                     common["reduction"]))
-        return torch.stack(rows)
+                                     common["reduction"], credit))
+        return torch.stack(rows), old_elements or None
 
     # -- 4. update --------------------------------------------------------------------------------------------
     def update(self, rollout, step: int) -> dict:
@@ -235,12 +253,12 @@ class OPDTrainer:
         steps = trained_steps(sampler.steps, s.timestep_fraction, step_rng(self.seed, TIMESTEP_STREAM, step))
         t0 = time.perf_counter()
         targets = {t: self.targets(rollout, t, cfg) for t in steps}
-        advantages, processes = None, self.processes
+        advantages, old_elements, processes = None, None, self.processes
         if s.estimator != "analytic_grad":
-            rewards = self.rewards(rollout, steps, targets, common)
-            if processes.count > 1:  # (T, B) of the whole batch: the per-step statistics are the batch's
-                rewards = torch.as_tensor(processes.gather(rewards.T.cpu().numpy()).T, dtype=rewards.dtype,
-                                          device=rewards.device)
+            rewards, old_elements = self.rewards(rollout, steps, targets, common)
+            if processes.count > 1:  # (T, B, ...) of the whole batch: the per-step statistics are the batch's
+                whole = processes.gather(rewards.movedim(1, 0).cpu().numpy())
+                rewards = torch.as_tensor(whole, dtype=rewards.dtype, device=rewards.device).movedim(0, 1)
             advantages = step_advantages(rewards, s.reward_to_go, s.normalize_advantage)
             if processes.count > 1:
                 advantages = advantages[:, processes.rows(advantages.shape[1])]
@@ -254,8 +272,11 @@ class OPDTrainer:
                 sigma, sigma_next = traj.sigmas[t].item(), traj.sigmas[t + 1].item()
                 mean_teacher, mean_anchor, _ = targets[t]
                 log_prob, mean, std = step_log_prob(self.bundle, x, x_next, sigma, sigma_next, rollout.cond, **common)
+                policy_log_prob, old_log_prob = log_prob, traj.log_probs[t]
+                if old_elements is not None:  # credit "element": each element's own ratio
+                    policy_log_prob, old_log_prob = gaussian_log_prob(x_next, mean, std, "none"), old_elements[i]
                 per_sample, terms = step_loss(
-                    s.estimator, log_prob, traj.log_probs[t], mean, mean_teacher, std,
+                    s.estimator, policy_log_prob, old_log_prob, mean, mean_teacher, std,
                     None if advantages is None else advantages[i], s.clip_eps, reduction, mean_anchor, self.mar_weight)
                 loss = per_sample.mean() / (len(steps) * processes.count)  # summed over processes
                 loss.backward()
@@ -285,7 +306,8 @@ class OPDTrainer:
         if advantages is None:
             row["reward"] = -row["kl"]  # analytic_grad: the closed-form reward -KL it differentiates
         else:
-            row["reward"] = rewards.mean().item() / nats_per_unit(traj.latents[0], reduction)  # E[r] = -kl
+            per_reward = traj.latents[0][0].numel() if old_elements is not None else 1  # elements per reward
+            row["reward"] = rewards.mean().item() * per_reward / nats_per_unit(traj.latents[0], reduction)  # = -kl
         kl_by_teacher = {name: [v for v in values if not np.isnan(v)] for name, values in kl_by_teacher.items()}
         row |= {f"kl_{name}": float(np.mean(kl_by_teacher[name])) if kl_by_teacher[name] else None
                 for name in self.teacher_names}

@@ -19,11 +19,12 @@ from flowopd.sde import sde_step, sde_step_mean_std, sigma_schedule
 
 @dataclass
 class Trajectory:
-    """One batch of rollouts: x_{s_0} ... x_{s_T} and log p(x_{s_{t+1}} | x_{s_t})."""
+    """One batch of rollouts: x_{s_0} ... x_{s_T}, log p(x_{s_{t+1}} | x_{s_t}) and the steps' means."""
 
     latents: Tensor  # (T+1, B, C, H, W), fp32; latents[0] is the initial noise, latents[-1] the sample
     log_probs: Tensor | None  # (T, B) under the sampling policy; None for the ODE sampler
     sigmas: Tensor  # (T+1,), sigmas[t] is the noise level of latents[t]
+    means: Tensor | None = None  # (T, B, C, H, W): mean of the Gaussian step t (OPD's per-element rewards use it)
 
     @property
     def next_latents(self) -> Tensor:
@@ -70,21 +71,23 @@ def sample(
 
     x = (draw_noise() if x_init is None else x_init).to(device=device, dtype=torch.float32)
     sigmas = sigma_schedule(steps, shift)
-    latents, log_probs = [x], []
+    latents, log_probs, means = [x], [], []
     for t in tqdm(range(steps), disable=not progress, desc="sampling", leave=False):
         sigma, sigma_next = sigmas[t].item(), sigmas[t + 1].item()
         velocity = bundle.velocity(x, sigma, cond, cfg=cfg, transformer=transformer)
         if noise_level == 0:
             x, _ = sde_step_mean_std(x, velocity, sigma, sigma_next, 0.0)  # Euler: x + (s' - s) v
         else:
-            x, log_prob, _, _ = sde_step(
+            x, log_prob, mean, _ = sde_step(
                 x, velocity, sigma, sigma_next, noise_level, reduction=log_prob_reduction, noise=draw_noise()
             )
             log_probs.append(log_prob)
+            means.append(mean)
         latents.append(x)
     if not return_trajectory:
         return x
     trajectory = Trajectory(
-        latents=torch.stack(latents), log_probs=torch.stack(log_probs) if log_probs else None, sigmas=sigmas
+        latents=torch.stack(latents), log_probs=torch.stack(log_probs) if log_probs else None, sigmas=sigmas,
+        means=torch.stack(means) if means else None,
     )
     return x, trajectory

@@ -61,17 +61,21 @@ def sde_step_mean_std(
     return mean, std.expand(x.shape[0], *std.shape[1:])
 
 
-def _reduce(elementwise: Tensor, reduction: str) -> Tensor:
+def reduce_elements(elementwise: Tensor, reduction: str) -> Tensor:
+    """(B, ...) -> (B,) by "mean" or "sum" over each sample's elements; "none" keeps them."""
     dims = tuple(range(1, elementwise.ndim))
     if reduction == "mean":
         return elementwise.mean(dim=dims)
     if reduction == "sum":
         return elementwise.sum(dim=dims)
-    raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if reduction == "none":
+        return elementwise
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
 
 def gaussian_log_prob(sample: Tensor, mean: Tensor, std, reduction: str = "mean") -> Tensor:
-    """log N(sample; mean, std^2 I) per sample, averaged ("mean", Flow-GRPO) or summed over elements: (B,)."""
+    """log N(sample; mean, std^2 I) per sample, averaged ("mean", Flow-GRPO) or summed over elements: (B,); "none":
+    per element (B, ...)."""
     sample, mean = sample.float(), mean.float()
     std = torch.as_tensor(std, dtype=torch.float32, device=sample.device)
     if std.ndim == 1:
@@ -81,7 +85,7 @@ def gaussian_log_prob(sample: Tensor, mean: Tensor, std, reduction: str = "mean"
             "gaussian_log_prob needs std > 0 (noise_level 0 and the ODE sampler have no density)"
         )
     log_prob = -((sample - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
-    return _reduce(log_prob, reduction)
+    return reduce_elements(log_prob, reduction)
 
 
 def step_kl(mean_a: Tensor, mean_b: Tensor, std, reduction: str = "mean") -> Tensor:
@@ -90,7 +94,7 @@ def step_kl(mean_a: Tensor, mean_b: Tensor, std, reduction: str = "mean") -> Ten
     std = torch.as_tensor(std, dtype=torch.float32, device=mean_a.device)
     if std.ndim == 1:
         std = _per_sample(std, mean_a)
-    return _reduce((mean_a - mean_b) ** 2 / (2 * std**2), reduction)
+    return reduce_elements((mean_a - mean_b) ** 2 / (2 * std**2), reduction)
 
 
 def kl_from_velocities(
@@ -106,7 +110,7 @@ def kl_from_velocities(
     s, s_next = _per_sample(sigma, v_a), _per_sample(sigma_next, v_a)
     sd = noise_scale(s, s_next, noise_level)
     coefficient = (-(s_next - s) / 2) * (1 / sd + sd * (1 - s) / (2 * s)) ** 2
-    return _reduce(coefficient * (v_a - v_b) ** 2, reduction)
+    return reduce_elements(coefficient * (v_a - v_b) ** 2, reduction)
 
 
 def sde_step(

@@ -455,6 +455,10 @@ class OPDSettings(Section):
     estimator: Literal["sampled", "analytic", "analytic_grad"] = "sampled"
     """sampled: log p_teacher - log p_student at the student's x'; analytic: -KL in closed form (detached);
     analytic_grad: -KL in closed form, differentiated (GKD-style)."""
+    credit: Literal["step", "element"] = "step"
+    """step: one reward per sample and trained step, advantage of the step's log-prob (the paper's); element: each
+    latent element's log-ratio is the advantage of that element's log-prob (per-token OPD with the elements as
+    tokens): the same expected gradient without the other elements' noise. analytic_grad has no reward to credit."""
     reward_to_go: Bool = False
     normalize_advantage: Bool = False
     clip_eps: PositiveFloat = 1e-4
@@ -470,6 +474,13 @@ class OPDSettings(Section):
     ema: EmaSettings | None = Field(default_factory=EmaSettings)
     lora: LoraSettings | None = None
     checkpoint_every: PositiveInt = 50
+
+    @model_validator(mode="after")
+    def _element_credit_has_no_reward_to_go(self):
+        if self.credit == "element" and self.reward_to_go:
+            raise ValueError("reward_to_go sums whole steps' rewards: it needs credit: step (credit: element "
+                             "rewards each element with its own log-ratio)")
+        return self
 
 
 class MARSettings(Section):

@@ -27,11 +27,12 @@ from flowopd.spec import load_spec
 ROOT = Path(__file__).resolve().parents[1]
 MICRO = ROOT / "tests" / "data" / "micro.yaml"
 # 2 prompts x 4 samples: 4 rows per process; groups of the same prompt straddle no process boundary, but the
-# advantages' and the OPD rewards' batch statistics still need the gathered batch (normalize_advantage).
+# advantages' and the OPD rewards' batch statistics still need the gathered batch (normalize_advantage; OPD's
+# per-element rewards, the main spec's credit, are gathered whole).
 GRPO = {"steps": 3, "prompts_per_step": 2, "group_size": 4, "lr": 1e-3, "checkpoint_every": 1,
         "ema": {"decay": 0.9, "every": 1}, "sampler": {"steps": 3}}
 OPD = {"steps": 3, "prompts_per_step": 2, "group_size": 4, "lr": 1e-3, "checkpoint_every": 1,
-       "reward_to_go": True, "normalize_advantage": True, "ema": {"decay": 0.9, "every": 1}, "sampler": {"steps": 3}}
+       "credit": "element", "normalize_advantage": True, "ema": {"decay": 0.9, "every": 1}, "sampler": {"steps": 3}}
 
 
 def fake_processes(index: int, count: int) -> Processes:
@@ -51,6 +52,7 @@ def test_a_batch_split_in_shares_samples_like_the_whole_batch():
                           **options)
         torch.testing.assert_close(share.latents, whole.latents[:, rows], rtol=0, atol=1e-6)
         torch.testing.assert_close(share.log_probs, whole.log_probs[:, rows], rtol=0, atol=1e-6)
+        torch.testing.assert_close(share.means, whole.means[:, rows], rtol=0, atol=1e-6)
 
 
 def test_a_batch_that_does_not_split_is_refused():

@@ -103,6 +103,7 @@ def test_trajectory_and_log_probs_are_consistent():
         v = bundle.velocity(traj.latents[t], s, None)
         mean, std = sde_step_mean_std(traj.latents[t], v, s, s_next, 0.7)
         torch.testing.assert_close(gaussian_log_prob(traj.next_latents[t], mean, std), traj.log_probs[t])
+        torch.testing.assert_close(traj.means[t], mean)  # the step mean each x' was drawn around
 
 
 def test_ode_trajectory_is_euler_without_log_probs():
@@ -118,7 +119,7 @@ def test_ode_trajectory_is_euler_without_log_probs():
         x_init=x_init,
         return_trajectory=True,
     )
-    assert traj.log_probs is None and torch.equal(traj.latents[0], x_init)
+    assert traj.log_probs is None and traj.means is None and torch.equal(traj.latents[0], x_init)
     expected, sigmas = x_init, traj.sigmas
     for t in range(4):
         expected = expected + (sigmas[t + 1] - sigmas[t]) * GaussianBundle._field(expected, sigmas[t], MEAN)
