@@ -229,20 +229,16 @@ class OPDTrainer:
 
     # -- 3. rewards -------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def rewards(self, rollout, steps: list[int], targets: dict, common: dict) -> tuple[Tensor, list | None]:
-        """(T, B) per-step rewards of the trained steps, under the rollout policy (before any update). Credit
-        "element": (T, B, ...) per element, and each step's per-element log p_old(x' | x) for the loss's ratios."""
-        traj, estimator, credit = rollout.trajectory, self.settings.estimator, self.settings.credit
-        rows, old_elements = [], []
+    def rewards(self, rollout, steps: list[int], targets: dict, common: dict) -> Tensor:
+        """(T, B) per-step rewards of the trained steps, under the rollout policy (before any update); credit
+        "element": (T, B, ...) per element."""
+        traj, rows = rollout.trajectory, []
         for t in steps:
-            x_next = traj.latents[t + 1]
             mean_teacher, _, std = targets[t]
-            mean_student = traj.means[t]  # the rollout policy's own step mean, which x_next was drawn around
-            if credit == "element":
-                old_elements.append(gaussian_log_prob(x_next, mean_student, std, "none"))
-            rows.append(step_rewards(estimator, x_next, mean_student, mean_teacher, std, traj.log_probs[t],
-                                     common["reduction"], credit))
-        return torch.stack(rows), old_elements or None
+            # traj.means[t]: the rollout policy's own step mean, which x_{t+1} was drawn around
+            rows.append(step_rewards(self.settings.estimator, traj.latents[t + 1], traj.means[t], mean_teacher, std,
+                                     traj.log_probs[t], common["reduction"], self.settings.credit))
+        return torch.stack(rows)
 
     # -- 4. update --------------------------------------------------------------------------------------------
     def update(self, rollout, step: int) -> dict:
@@ -253,9 +249,10 @@ class OPDTrainer:
         steps = trained_steps(sampler.steps, s.timestep_fraction, step_rng(self.seed, TIMESTEP_STREAM, step))
         t0 = time.perf_counter()
         targets = {t: self.targets(rollout, t, cfg) for t in steps}
-        advantages, old_elements, processes = None, None, self.processes
+        advantages, processes = None, self.processes
+        element = s.credit == "element" and s.estimator != "analytic_grad"  # per-element rewards and ratios
         if s.estimator != "analytic_grad":
-            rewards, old_elements = self.rewards(rollout, steps, targets, common)
+            rewards = self.rewards(rollout, steps, targets, common)
             if processes.count > 1:  # (T, B, ...) of the whole batch: the per-step statistics are the batch's
                 whole = processes.gather(rewards.movedim(1, 0).cpu().numpy())
                 rewards = torch.as_tensor(whole, dtype=rewards.dtype, device=rewards.device).movedim(0, 1)
@@ -273,8 +270,9 @@ class OPDTrainer:
                 mean_teacher, mean_anchor, _ = targets[t]
                 log_prob, mean, std = step_log_prob(self.bundle, x, x_next, sigma, sigma_next, rollout.cond, **common)
                 policy_log_prob, old_log_prob = log_prob, traj.log_probs[t]
-                if old_elements is not None:  # credit "element": each element's own ratio
-                    policy_log_prob, old_log_prob = gaussian_log_prob(x_next, mean, std, "none"), old_elements[i]
+                if element:  # each element's own ratio, against the rollout's step mean
+                    policy_log_prob = gaussian_log_prob(x_next, mean, std, "none")
+                    old_log_prob = gaussian_log_prob(x_next, traj.means[t], std, "none")
                 per_sample, terms = step_loss(
                     s.estimator, policy_log_prob, old_log_prob, mean, mean_teacher, std,
                     None if advantages is None else advantages[i], s.clip_eps, reduction, mean_anchor, self.mar_weight)
@@ -306,7 +304,7 @@ class OPDTrainer:
         if advantages is None:
             row["reward"] = -row["kl"]  # analytic_grad: the closed-form reward -KL it differentiates
         else:
-            per_reward = traj.latents[0][0].numel() if old_elements is not None else 1  # elements per reward
+            per_reward = traj.latents[0][0].numel() if element else 1  # elements per reward
             row["reward"] = rewards.mean().item() * per_reward / nats_per_unit(traj.latents[0], reduction)  # = -kl
         kl_by_teacher = {name: [v for v in values if not np.isnan(v)] for name, values in kl_by_teacher.items()}
         row |= {f"kl_{name}": float(np.mean(kl_by_teacher[name])) if kl_by_teacher[name] else None

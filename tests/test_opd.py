@@ -212,10 +212,9 @@ def test_a_teacher_equal_to_the_student_gives_zero_reward_and_kl(spec, states, p
     steps = [0, 1]
     targets = {t: trainer.targets(rollout, t, 3.0) for t in steps}
     common = {"cfg": 3.0, "noise_level": 0.7, "reduction": "mean"}
-    rewards, old_elements = trainer.rewards(rollout, steps, targets, common)
+    rewards = trainer.rewards(rollout, steps, targets, common)
     latents = rollout.trajectory.latents[0]
     assert rewards.shape == ((2, *latents.shape) if credit == "element" else (2, len(latents)))
-    assert (old_elements is None) == (credit == "step")
     assert rewards.abs().max() < 1e-3  # nats; log p_teacher = log p_student at every x'
     row = trainer.step(0)
     assert row["kl"] == pytest.approx(0.0, abs=1e-10) and abs(row["reward"]) < 1e-6
