@@ -116,13 +116,16 @@ def ppo_clip_loss(log_prob, old_log_prob, advantages, clip_eps: float):
     return torch.maximum(unclipped, clipped), ratio
 
 
-def trained_steps(sampler_steps: int, fraction: float, rng: np.random.Generator) -> list[int]:
-    """Which steps a rollout trains: all but the last one (to sigma 0), or a random share of them (sorted)."""
-    candidates = sampler_steps - 1
-    n = max(1, min(candidates, round(fraction * candidates)))
-    if n == candidates:
-        return list(range(candidates))
-    return sorted(rng.choice(candidates, size=n, replace=False).tolist())
+def trained_steps(sampler_steps: int, fraction: float, rng: np.random.Generator, stochastic=None) -> list[int]:
+    """Which steps a rollout trains: the stochastic ones (default all) but the last one (to sigma 0), or a random
+    share of them (sorted). stochastic: (steps,) bool, Trajectory.stochastic (an SDE window, CPS's last step)."""
+    candidates = [t for t in range(sampler_steps - 1) if stochastic is None or bool(stochastic[t])]
+    if not candidates:
+        raise ValueError("the sampler has no stochastic step to train (sde_window, or noise_level 0)")
+    n = max(1, min(len(candidates), round(fraction * len(candidates))))
+    if n == len(candidates):
+        return candidates
+    return sorted(candidates[i] for i in rng.choice(len(candidates), size=n, replace=False).tolist())
 
 
 # ---------------------------------------------------------------- rewards of a rollout
@@ -160,15 +163,17 @@ class GRPOTrainer:
     processes: this process's share of the batch (flowopd.distributed); the default is a single process.
     """
 
+    needs_log_probs = True  # GRPO trains the sampler's stochastic steps; NFT (a subclass) needs none
+
     def __init__(self, bundle, settings, prompts, prompt_tasks, rewards, reward_names, weights, *,
                  advantage: str = "joint", seed: int = 0, lora=None, kept_rows_only: bool = False,
-                 processes: Processes | None = None):
+                 processes: Processes | None = None, reference: bool | None = None):
         sampler = settings.sampler
         self.processes = processes or Processes()
         self.processes.rows(settings.prompts_per_step * settings.group_size)  # refuses a batch that does not split
-        if sampler.noise_level <= 0:
+        if self.needs_log_probs and sampler.noise_level <= 0:
             raise ValueError("GRPO needs the SDE sampler (sampler.noise_level > 0) for its log-probs")
-        if sampler.steps < 2:
+        if self.needs_log_probs and sampler.steps < 2:
             raise ValueError("GRPO needs sampler.steps >= 2 (the last step, to sigma 0, is never trained)")
         self.bundle, self.settings, self.seed = bundle, settings, seed
         self.prompts, self.prompt_tasks = list(prompts), np.asarray(prompt_tasks)
@@ -178,7 +183,9 @@ class GRPOTrainer:
         torch.manual_seed(seed)  # LoRA's gaussian A
         self.named_params = prepare_policy(bundle, lora)
         self.params = list(self.named_params.values())
-        self.reference = FrozenReference(bundle, lora=lora is not None) if settings.beta > 0 else None
+        if reference is None:
+            reference = settings.beta > 0
+        self.reference = FrozenReference(bundle, lora=lora is not None) if reference else None
         self.optimizer = make_optimizer(self.params, settings.lr)
         self.ema = EMA(self.params, settings.ema.decay, settings.ema.every) if settings.ema else None
 
@@ -197,11 +204,16 @@ class GRPOTrainer:
             self.bundle, cond, steps=sampler.steps, shift=sampler.shift, cfg=sampler.cfg,
             noise_level=sampler.noise_level, generator=step_generator(self.seed, NOISE_STREAM, step),
             return_trajectory=True, log_prob_reduction=sampler.logprob_reduction,
-            share=(processes.index, processes.count),
+            share=(processes.index, processes.count), transformer=self.sampling_transformer(),
+            sde=sampler.sde, window=sampler.sde_window,
         )
         prompts = [self.prompts[i] for i in chosen for _ in range(group)][rows]
         tasks = np.repeat(self.prompt_tasks[chosen], group)[rows]
         return Rollout(prompts, tasks, cond, trajectory, self.bundle.decode(x))
+
+    def sampling_transformer(self):
+        """The transformer the rollouts sample (None: the bundle's own, i.e. the policy being trained)."""
+        return None
 
     # -- 2. rewards and advantages -------------------------------------------------------------------------
     def score(self, rollout: Rollout) -> np.ndarray:
@@ -235,8 +247,10 @@ class GRPOTrainer:
             latents, old_log_probs, cond = latents[:, rows], old_log_probs[:, rows], cond.index(rows)
             adv, weight = adv[rows], weight[rows]
         cfg = sampler.cfg if s.cfg_train else 1.0
-        steps = trained_steps(sampler.steps, s.timestep_fraction, step_rng(self.seed, TIMESTEP_STREAM, step))
-        common = {"cfg": cfg, "noise_level": sampler.noise_level, "reduction": sampler.logprob_reduction}
+        steps = trained_steps(sampler.steps, s.timestep_fraction, step_rng(self.seed, TIMESTEP_STREAM, step),
+                              traj.stochastic)
+        common = {"cfg": cfg, "noise_level": sampler.noise_level, "reduction": sampler.logprob_reduction,
+                  "sde": sampler.sde}
         reference_means = {}  # the reference is frozen: its step means are computed once per rollout
         self.bundle.transformer.train()
         for _ in range(s.inner_epochs):
@@ -402,7 +416,7 @@ def run_teacher(spec, name: str, base_dir: Path | None, data_dir: Path, out: Pat
     task = spec.tasks[teacher.task]
     prompts = read_prompts(data_dir, teacher.task, "train")
     reward = task_reward(task, _world(spec))
-    _run_phase(spec, "teacher", teacher_sub_spec(spec, name), teacher.grpo, base_dir, out, curve_path, progress,
+    _run_phase(spec, "teacher", teacher_sub_spec(spec, name), teacher.method, base_dir, out, curve_path, progress,
                prompts, np.zeros(len(prompts), dtype=int), [reward], [teacher.task], [1.0], "joint",
                {"teacher": name, "task": teacher.task})
 
@@ -424,7 +438,7 @@ def run_baseline(spec, base_dir: Path | None, data_dir: Path, out: Path, curve_p
         tasks += [k] * len(task_prompts)
     rewards = [task_reward(spec.tasks[task], _world(spec)) for task in names]
     weights = [baseline.weights[task] for task in names]
-    _run_phase(spec, "baseline", baseline_sub_spec(spec), baseline.grpo, base_dir, out, curve_path, progress,
+    _run_phase(spec, "baseline", baseline_sub_spec(spec), baseline.method, base_dir, out, curve_path, progress,
                prompts, np.array(tasks), rewards, names, weights, baseline.advantage, {"tasks": names})
 
 
@@ -447,8 +461,9 @@ def _run_phase(spec, phase, sub_spec, settings, base_dir, out, curve_path, progr
     lora = lora_settings(spec, settings)
     # On CPU the tiny model's velocities of a sub-batch are bitwise those of the whole batch, so training on the
     # kept groups only changes nothing but the time; SD3 on GPU keeps the sampling batch (method.md).
-    trainer = GRPOTrainer(bundle, settings, prompts, prompt_tasks, rewards, names, weights, advantage=advantage,
-                          seed=spec.seed, lora=lora, kept_rows_only=spec.model.kind == "tiny", processes=processes)
+    trainer = trainer_class(settings.kind)(
+        bundle, settings, prompts, prompt_tasks, rewards, names, weights, advantage=advantage, seed=spec.seed,
+        lora=lora, kept_rows_only=spec.model.kind == "tiny", processes=processes)
     fingerprint = canonical_hash({"sub_spec": sub_spec, "base_sha256": base_sha, "prompts": prompt_digest})
     checkpoints = Checkpoints(checkpoint_folder(out), fingerprint)
     curve = train(trainer, settings.steps, checkpoints, settings.checkpoint_every, progress, desc=f"{phase} {out.name}")
@@ -470,6 +485,17 @@ def _run_phase(spec, phase, sub_spec, settings, base_dir, out, curve_path, progr
         write_curve(curve_path, curve)
     checkpoints.clear()
     processes.wait()
+
+
+def trainer_class(kind: str):
+    """The trainer of a teacher / baseline method kind (spec: `method.kind`)."""
+    if kind == "grpo":
+        return GRPOTrainer
+    if kind == "nft":
+        from flowopd.nft import NFTTrainer
+
+        return NFTTrainer
+    raise ValueError(f"unknown trainer kind {kind!r}; expected grpo or nft")
 
 
 def stage_main(phase: str, argv: list[str] | None = None) -> None:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from flowopd.data import world_config
 from flowopd.models.tiny import TinyBundle, build_vocab
-from flowopd.world import TASKS, WorldConfig, all_prompts, corrupt_prompt, degrade, render
+from flowopd.world import TASKS, WorldConfig, all_prompts, corrupt_prompt, degrade, render, render_bad_mode
 
 
 def tiny_model_config(spec) -> dict:
@@ -57,6 +57,10 @@ def make_training_pairs(spec, n: int, rng: np.random.Generator) -> tuple[list[st
         shown = prompt
         if rng.random() < base.label_noise.get(prompt.task, 0.0):
             shown = corrupt_prompt(world, prompt, rng)
+        share = base.bad_modes.get(prompt.task, 0.0)
+        if share > 0 and rng.random() < share:  # no draw without bad modes: older specs keep their pairs
+            images[i] = render_bad_mode(world, shown, rng)
+            continue
         image = render(world, shown, rng)
         u = rng.random()
         for kind, edge in zip(flaw_kinds, flaw_edges):

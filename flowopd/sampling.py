@@ -25,6 +25,7 @@ class Trajectory:
     log_probs: Tensor | None  # (T, B) under the sampling policy; None for the ODE sampler
     sigmas: Tensor  # (T+1,), sigmas[t] is the noise level of latents[t]
     means: Tensor | None = None  # (T, B, C, H, W): mean of the Gaussian step t (OPD's per-element rewards use it)
+    stochastic: Tensor | None = None  # (T,) bool: steps that drew noise (the others are Euler, log-prob 0)
 
     @property
     def next_latents(self) -> Tensor:
@@ -52,6 +53,8 @@ def sample(
     transformer=None,
     log_prob_reduction: str = "mean",
     share: tuple[int, int] = (0, 1),
+    sde: str = "flow",
+    window: tuple[int, int] | None = None,
 ):
     """Draw one sample per condition row. -> x (B, C, H, W) fp32, or (x, Trajectory) with return_trajectory.
 
@@ -59,6 +62,10 @@ def sample(
     share (index, count): these B rows are share `index` of a batch of count x B split over processes; every
     draw is made for the whole batch and this share's rows kept, so the split batch samples like the whole one.
     `transformer` overrides the bundle's (e.g. an EMA copy); runs without grad (trainers recompute log-probs).
+    sde: the stochastic step's form ("flow": Flow-GRPO, "cps": coefficients-preserving; flowopd.sde).
+    window (start, end): only steps start <= t < end are stochastic (Flow-GRPO-Fast's SDE window), the others
+    Euler; None: every step when noise_level > 0. A step whose std is 0 (CPS's last one) is deterministic too.
+    Trajectory.stochastic marks the steps with a density; the others carry log-prob 0 and their Euler result.
     """
     device = cond.prompt_embeds.device
     gen_device = generator.device if generator is not None else device
@@ -71,15 +78,20 @@ def sample(
 
     x = (draw_noise() if x_init is None else x_init).to(device=device, dtype=torch.float32)
     sigmas = sigma_schedule(steps, shift)
+    stochastic = stochastic_steps(steps, shift, noise_level, sde, window)
     latents, log_probs, means = [x], [], []
     for t in tqdm(range(steps), disable=not progress, desc="sampling", leave=False):
         sigma, sigma_next = sigmas[t].item(), sigmas[t + 1].item()
         velocity = bundle.velocity(x, sigma, cond, cfg=cfg, transformer=transformer)
-        if noise_level == 0:
+        if not stochastic[t]:
             x, _ = sde_step_mean_std(x, velocity, sigma, sigma_next, 0.0)  # Euler: x + (s' - s) v
+            if noise_level > 0:  # keep the trajectory's per-step arrays aligned with the steps
+                log_probs.append(torch.zeros(len(x), device=x.device))
+                means.append(x)
         else:
             x, log_prob, mean, _ = sde_step(
-                x, velocity, sigma, sigma_next, noise_level, reduction=log_prob_reduction, noise=draw_noise()
+                x, velocity, sigma, sigma_next, noise_level, reduction=log_prob_reduction, noise=draw_noise(),
+                sde=sde,
             )
             log_probs.append(log_prob)
             means.append(mean)
@@ -88,6 +100,23 @@ def sample(
         return x
     trajectory = Trajectory(
         latents=torch.stack(latents), log_probs=torch.stack(log_probs) if log_probs else None, sigmas=sigmas,
-        means=torch.stack(means) if means else None,
+        means=torch.stack(means) if means else None, stochastic=stochastic,
     )
     return x, trajectory
+
+
+def stochastic_steps(steps: int, shift: float, noise_level: float, sde: str = "flow",
+                     window: tuple[int, int] | None = None) -> Tensor:
+    """(steps,) bool: which steps of the sampler draw noise (and so have a log-density)."""
+    if noise_level == 0:
+        return torch.zeros(steps, dtype=torch.bool)
+    mask = torch.ones(steps, dtype=torch.bool)
+    if window is not None:
+        start, end = window
+        if not 0 <= start < end <= steps:
+            raise ValueError(f"sde_window {list(window)} must satisfy 0 <= start < end <= steps ({steps})")
+        mask[:] = False
+        mask[start:end] = True
+    if sde == "cps":
+        mask &= sigma_schedule(steps, shift)[1:] > 0  # the last step of CPS has std 0
+    return mask

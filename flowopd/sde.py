@@ -10,6 +10,16 @@ Flow-GRPO (arXiv 2505.05470) turns the Euler ODE into an SDE with the same margi
 At s = 1 the ratio s / (1 - s) is infinite; like Flow-GRPO's `sde_step_with_logprob` we put the next
 sigma in the denominator: sd(1) = a sqrt(1 / (1 - s')), s' = the schedule's second value (its `sigma_max`).
 a = 0 gives the Euler step x' = x + d v with std 0. All math runs in fp32 (bf16 overflows in the mean).
+
+`sde="cps"` is the coefficients-preserving sampler (CPS, as Flow-Factory's `FlowCPS` and Flow-GRPO's later
+versions), with eta = noise_level in (0, 1]:
+
+    std = s' sin(eta pi / 2),   x0^ = x - s v,   x1^ = x + (1 - s) v
+    mu  = (1 - s') x0^ + sqrt(s'^2 - std^2) x1^
+
+so x' = mu + std eps has exactly the noise level s' of the schedule (its noise coefficient is
+sqrt(s'^2 - std^2 + std^2) = s'), and the last step (s' = 0) is deterministic: no residual noise in the sample,
+which the Flow-GRPO SDE leaves at std ~0.2 in pixel space after its second-to-last step (10 steps, shift 3).
 """
 
 from __future__ import annotations
@@ -45,15 +55,26 @@ def noise_scale(sigma: Tensor, sigma_next: Tensor, noise_level: float) -> Tensor
     return noise_level * torch.sqrt(sigma / (1 - torch.where(sigma == 1, sigma_next, sigma)))
 
 
+SDE_KINDS = ("flow", "cps")
+
+
 def sde_step_mean_std(
-    x: Tensor, velocity: Tensor, sigma, sigma_next, noise_level: float
+    x: Tensor, velocity: Tensor, sigma, sigma_next, noise_level: float, sde: str = "flow"
 ) -> tuple[Tensor, Tensor]:
     """Mean and std of p(x' | x) for one step s -> s'; sigma, sigma_next are floats or (B,) tensors.
 
     Returns mean (shape of x, fp32) and std of shape (B, 1, ..., 1), broadcastable against x.
+    sde: "flow" (Flow-GRPO's SDE) or "cps" (coefficients-preserving; see the module docstring).
     """
     x, velocity = x.float(), velocity.float()
     s, s_next = _per_sample(sigma, x), _per_sample(sigma_next, x)
+    if sde == "cps":
+        std = s_next * math.sin(noise_level * math.pi / 2)
+        x0, x1 = x - s * velocity, x + (1 - s) * velocity
+        mean = (1 - s_next) * x0 + torch.sqrt((s_next**2 - std**2).clamp(min=0)) * x1
+        return mean, std.expand(x.shape[0], *std.shape[1:])
+    if sde != "flow":
+        raise ValueError(f"sde must be one of {', '.join(SDE_KINDS)}, got {sde!r}")
     d = s_next - s
     sd = noise_scale(s, s_next, noise_level)
     mean = x + d * (velocity + sd**2 / (2 * s) * (x + (1 - s) * velocity))
@@ -123,13 +144,14 @@ def sde_step(
     prev_sample: Tensor | None = None,
     reduction: str = "mean",
     noise: Tensor | None = None,
+    sde: str = "flow",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One SDE step: draw x' = mu + std eps (or score the given prev_sample). -> (x', log p(x' | x), mu, std)
 
     The noise is drawn on the generator's device and moved to x's, so a seeded CPU generator gives the same
     samples on every device; `noise` passes eps drawn by the caller instead.
     """
-    mean, std = sde_step_mean_std(x, velocity, sigma, sigma_next, noise_level)
+    mean, std = sde_step_mean_std(x, velocity, sigma, sigma_next, noise_level, sde)
     if prev_sample is None:
         if noise is None:
             device = generator.device if generator is not None else mean.device

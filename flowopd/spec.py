@@ -165,6 +165,9 @@ class BaseTraining(Section):
     """Share of training prompts replaced by the empty prompt (for classifier-free guidance)."""
     label_noise: dict[TinyTask, Probability] = {"text": 0.5, "objects": 0.5, "quality": 0.0}
     """Per task: share of pairs whose render shows a wrong word / colour / count / relation."""
+    bad_modes: dict[TinyTask, Probability] = {}
+    """Per task: share of pairs rendered in the task's bad mode (flowopd.world.BAD_MODES: text on an inverted
+    sign, one extra copy of the first object, a noisy or blurred render), so the base has a good and a bad mode."""
     flaws: dict[Literal["noise", "blur"], Probability] = {"noise": 0.3, "blur": 0.2}
     """Share of renders degraded by each flaw (exclusive, so they sum to at most 1)."""
     task_mix: dict[TinyTask, NonNegFloat] = {"text": 0.4, "objects": 0.4, "quality": 0.2}
@@ -198,6 +201,24 @@ class SamplerSettings(Section):
     """Classifier-free guidance scale g in v = v_u + g (v_c - v_u); 1 disables guidance."""
     logprob_reduction: Literal["mean", "sum"] = "mean"
     """How a step's Gaussian log-density reduces over elements (Flow-GRPO: mean)."""
+    sde: Literal["flow", "cps"] = "flow"
+    """The stochastic step: "flow" (Flow-GRPO's SDE, noise_level = a) or "cps" (coefficients-preserving: every state
+    at its scheduled noise level, no noise on the last step; noise_level = eta in (0, 1])."""
+    sde_window: tuple[NonNegInt, PositiveInt] | None = None
+    """[start, end): only these steps draw noise (and are trained, GRPO); the others are the ODE (Flow-GRPO-Fast)."""
+
+    @model_validator(mode="after")
+    def _sde_options(self):
+        if self.sde == "cps" and not 0 < self.noise_level <= 1:
+            raise ValueError(f"sde cps needs noise_level (eta) in (0, 1], got {self.noise_level:g}")
+        if self.sde_window is not None:
+            start, end = self.sde_window
+            if self.noise_level <= 0:
+                raise ValueError("sde_window needs noise_level > 0 (with 0 every step is the ODE)")
+            if not start < end <= self.steps:
+                raise ValueError(f"sde_window [{start}, {end}) must lie inside the sampler's {self.steps} steps "
+                                 f"with start < end")
+        return self
 
 
 # ---------------------------------------------------------------- tasks
@@ -358,21 +379,72 @@ class GRPOSettings(Section):
     checkpoint_every: PositiveInt = 50
 
 
+class GRPOMethod(GRPOSettings):
+    """Flow-GRPO (flowopd/grpo.py): the paper's teacher trainer."""
+
+    kind: Literal["grpo"]
+
+
+class NFTMethod(Section):
+    """DiffusionNFT (flowopd/nft.py): flow matching on the policy's own samples, good ones against bad ones."""
+
+    kind: Literal["nft"]
+    group_size: Annotated[int, Field(strict=True, ge=2)] = 8
+    prompts_per_step: PositiveInt = 4
+    steps: PositiveInt = 100
+    lr: PositiveFloat = 1e-4
+    beta: PositiveFloat = 1.0
+    """Strength of the implicit policies v+- = v_old +- beta (v - v_old); the trust region is ~1 / beta."""
+    kl_beta: NonNegFloat = 0.0
+    """Weight of ||v - v_ref||^2, the velocity-space KL to the frozen starting model."""
+    adv_std: Literal["group", "global"] = "group"
+    adv_clip: PositiveFloat = 1.0
+    """Advantages clipped to +-adv_clip, then mapped onto the optimality r = A / (2 adv_clip) + 1/2 in [0, 1]."""
+    train_times: PositiveInt = 4
+    """Noise levels (each with fresh noise) per sample and optimizer step."""
+    time_fraction: Fraction = 1.0
+    """Noise levels are drawn from the first (noisiest) share of the sampler's grid."""
+    old_decay: Decay = 0.0
+    """EMA decay of the sampling policy v_old towards the trained weights after each step (0: the last weights)."""
+    inner_epochs: PositiveInt = 1
+    grad_clip: PositiveFloat | None = 1.0
+    cfg_train: Bool = True
+    """Train the guided velocity (unconditional branch detached) and sample at the sampler's cfg; false: the
+    conditional velocity, sampled at cfg 1."""
+    sampler: SamplerSettings = Field(default_factory=lambda: SamplerSettings(noise_level=0.0))
+    ema: EmaSettings | None = Field(default_factory=EmaSettings)
+    lora: LoraSettings | None = None
+    """Adapter to train; null: the model's lora (sd3) or all weights (tiny)."""
+    checkpoint_every: PositiveInt = 50
+
+    @field_validator("sampler")
+    @classmethod
+    def _no_sde_window(cls, value):
+        if value.sde_window is not None:
+            raise ValueError("nft trains on the rollouts' final samples, not on their steps: an sde_window (a GRPO "
+                             "option) does nothing here; remove it")
+        return value
+
+
+TeacherMethod = Annotated[GRPOMethod | NFTMethod, Field(discriminator="kind")]
+
+
 class Teacher(Section):
-    """A task teacher: single-reward GRPO on one task's train prompts, starting from the base."""
+    """A task teacher: a single-reward trainer (method.kind) on one task's train prompts, from the base."""
 
     task: Name
-    grpo: GRPOSettings = Field(default_factory=GRPOSettings)
+    method: TeacherMethod
 
 
 class Baseline(Section):
-    """Mixed-reward GRPO, one policy on all tasks: the seesaw baseline Flow-OPD must beat."""
+    """Mixed-reward training, one policy on all tasks: the seesaw baseline Flow-OPD must beat. Give it the
+    teachers' method so the comparison is fair."""
 
     weights: Annotated[dict[Name, NonNegFloat], Field(min_length=1)]
     """Per task: weight of its reward in the sum."""
     advantage: Literal["joint", "per_reward"] = "joint"
     """joint: normalise the weighted reward sum; per_reward: normalise each reward's advantage, then sum."""
-    grpo: GRPOSettings = Field(default_factory=GRPOSettings)
+    method: TeacherMethod
 
 
 class RouterRule(Section):
@@ -557,13 +629,19 @@ class Spec(Section):
             own = section.get(key, {})
             return {**section, key: deep_merge(top, own) if isinstance(own, dict) else own}
 
+        def inherit_method(section):  # nft samples the ODE unless its sampler says otherwise
+            method = section.get("method") if isinstance(section, dict) else None
+            if not isinstance(method, dict) or not isinstance(method.get("sampler", {}), dict):
+                return section
+            own = dict(method.get("sampler", {}))
+            if method.get("kind") == "nft":
+                own.setdefault("noise_level", 0.0)
+            return {**section, "method": {**method, "sampler": deep_merge(top, own)}}
+
         if isinstance(data.get("teachers"), dict):
-            data["teachers"] = {
-                name: {**t, "grpo": inherit(t.get("grpo", {}))} if isinstance(t, dict) else t
-                for name, t in data["teachers"].items()
-            }
+            data["teachers"] = {name: inherit_method(t) for name, t in data["teachers"].items()}
         if isinstance(data.get("baseline"), dict):
-            data["baseline"] = {**data["baseline"], "grpo": inherit(data["baseline"].get("grpo", {}))}
+            data["baseline"] = inherit_method(data["baseline"])
         if isinstance(data.get("cold_start"), dict) and data["cold_start"].get("method") == "sft":
             data["cold_start"] = inherit(data["cold_start"])
         data["opd"] = inherit(data.get("opd", {}))

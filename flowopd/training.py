@@ -119,7 +119,7 @@ class FrozenReference:
 # ---------------------------------------------------------------- per-step log-probs of stored trajectories
 def step_log_prob(
     bundle, x: Tensor, x_next: Tensor, sigma: float, sigma_next: float, cond, *, cfg: float, noise_level: float,
-    reduction: str, transformer=None, velocity_fn=None,
+    reduction: str, transformer=None, velocity_fn=None, sde: str = "flow",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """log p(x_next | x) of one SDE step under a model, with the velocity recomputed at the stored x.
 
@@ -130,7 +130,7 @@ def step_log_prob(
         velocity = velocity_fn(x, sigma, cond, cfg)
     else:
         velocity = bundle.velocity(x, sigma, cond, cfg=cfg, transformer=transformer)
-    mean, std = sde_step_mean_std(x, velocity, sigma, sigma_next, noise_level)  # fp32 inside
+    mean, std = sde_step_mean_std(x, velocity, sigma, sigma_next, noise_level, sde)  # fp32 inside
     return gaussian_log_prob(x_next, mean, std, reduction), mean, std
 
 

@@ -16,10 +16,10 @@ from flowopd.world.grammar import (
     split_prompts,
     text_prompt,
 )
-from flowopd.world.render import DEGRADATIONS, corrupt_prompt, degrade, render
+from flowopd.world.render import BAD_MODES, DEGRADATIONS, corrupt_prompt, degrade, render, render_bad_mode
 
 __all__ = [
-    "DEGRADATIONS", "OBJECT_KINDS", "PALETTE", "SHAPES", "TASKS", "ObjectGroup", "Prompt", "WorldConfig",
+    "BAD_MODES", "DEGRADATIONS", "OBJECT_KINDS", "PALETTE", "SHAPES", "TASKS", "ObjectGroup", "Prompt", "WorldConfig",
     "all_prompts", "corrupt_prompt", "degrade", "make_prompt_set", "objects_prompt", "quality_prompt", "render",
-    "sample_prompts", "split_prompts", "text_prompt",
+    "render_bad_mode", "sample_prompts", "split_prompts", "text_prompt",
 ]

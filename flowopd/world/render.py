@@ -17,6 +17,18 @@ GLYPH_STROKE = 3
 OBJECT_SIZE = (9, 12)  # bounding-box side of a shape in pixels on a 32 px canvas (inclusive range)
 MIN_GAP = 3  # pixels of white between two objects' bounding boxes
 DEGRADATIONS = ("noise", "blur")
+# Each task's bad mode: what a share `base.bad_modes[task]` of the base's training pairs shows instead of the clean
+# render, so the base samples a good and a bad mode of every skill and a teacher can learn to pick the good one.
+# Bad modes differ from the clean render in low-frequency content (a global tone, a layout), which a flow model
+# decides in its first, high-noise steps; a high-frequency flaw (pixel noise, blur) is decided last and blends into
+# every sample instead (the base then has no bad *mode*, only a uniformly mediocre one).
+BAD_MODES = {
+    "text": "dark_sign",  # black letters on a dark grey sign: low contrast, the OCR reward reads nothing
+    "objects": "extra_copy",  # one more copy of the first object: every count check of that group fails
+    "quality": "tinted",  # the right object under a brownish cast: neither a clean background nor the palette
+}
+DARK_SIGN = 80  # grey level of the dark sign's background
+TINT, TINT_SHARE = np.array([160.0, 120.0, 60.0]), 0.4  # the cast's colour and how much of it is mixed in
 
 
 # ---------------------------------------------------------------- text
@@ -166,6 +178,21 @@ def corrupt_prompt(world: WorldConfig, prompt: Prompt, rng: np.random.Generator,
         return Prompt(text=prompt.text.replace(f"{g.colour} {g.shape}", f"{groups[0].colour} {g.shape}"),
                       task="quality", objects=tuple(groups), kind="quality")
     return objects_prompt(tuple(groups), relation)
+
+
+def render_bad_mode(world: WorldConfig, prompt: Prompt, rng: np.random.Generator) -> np.ndarray:
+    """The render of a prompt in its task's bad mode (BAD_MODES)."""
+    if prompt.task == "text":
+        image = render_text(world, prompt.word, rng)
+        return np.where(image == 255, DARK_SIGN, image).astype(np.uint8)
+    if prompt.task == "objects":
+        first, *rest = prompt.objects
+        groups = (ObjectGroup(first.colour, first.shape, first.count + 1), *rest)
+        return render_objects(world, groups, prompt.relation, rng)
+    if prompt.task == "quality":
+        image = render(world, prompt, rng).astype(np.float64)
+        return np.round((1 - TINT_SHARE) * image + TINT_SHARE * TINT).astype(np.uint8)
+    raise ValueError(f"no bad mode for task {prompt.task!r}")
 
 
 def degrade(image: np.ndarray, rng: np.random.Generator, kind: str) -> np.ndarray:
