@@ -22,9 +22,9 @@ def value_columns(frame: pl.DataFrame) -> list[str]:
 
 
 def best_rows(frame: pl.DataFrame, column: str, digits: int, best: str | None) -> set[int]:
-    """Row numbers holding the best rounded value of a column (ties all count); none for fewer than two values."""
+    """Row numbers holding the best rounded value of a column (ties all count); none when every value ties."""
     values = [(i, round(v, digits)) for i, v in enumerate(frame[column].to_list()) if v is not None]
-    if best is None or len(values) < 2:
+    if best is None or len({v for _, v in values}) < 2:
         return set()
     target = (max if best == "max" else min)(v for _, v in values)
     return {i for i, v in values if v == target}

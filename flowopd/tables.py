@@ -32,7 +32,7 @@ from flowopd.bootstrap import Design, Estimate
 from flowopd.ledger import DEFAULT_DB, LedgerError, connect, shard_run_id
 
 EXPLOIT_METRIC = "prompt_ignoring"  # share of samples a detector flags as ignoring the prompt, per benchmark
-MEAN_TOLERANCE = 1e-9  # per-sample scores must average to metrics.json's values, or they are not used
+MEAN_TOLERANCE = 1e-6  # samples must average to metrics.json's values (float32 rounding aside), or go unused
 
 # Headline values of the wanted eval runs, one row per (run, benchmark, seed).
 HEADLINE_SQL = """

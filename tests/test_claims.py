@@ -7,6 +7,7 @@ from test_report import scored
 
 from flowopd import tables
 from flowopd.claims import claim_lines, claims_frame, overall, verdict
+from flowopd.cli import main
 from flowopd.ledger import ingest
 
 
@@ -56,6 +57,13 @@ def test_claims_decided_from_paired_intervals(ledger):
     lines = claim_lines(frame)
     assert lines[0].startswith("- (a) ") and "**fails**" in lines[0] and "**holds**" in lines[1]
     assert "**unresolved (row flow_opd:no_mar missing)**" in lines[2]
+
+
+def test_report_claims_command_prints_one_line_per_claim(ledger, capsys):
+    assert main(["report", "claims", "--db", str(ledger), "--digits", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line[:6] for line in lines] == ["- (a) ", "- (b) ", "- (c) ", "- (d) "]
+    assert "claimed > −0.03: fails" in lines[0]
 
 
 def test_claims_without_rows_or_samples_are_unresolved_never_a_crash(tmp_path):

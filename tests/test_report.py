@@ -128,6 +128,9 @@ def test_markdown_shows_mean_interval_bold_best_and_explains_avg(pipeline):
 def test_intervals_bracket_the_means_and_csv_keeps_six_decimals(spread):
     db, shards, out = spread
     build(shards, db, out)
+    build(shards, db, out.parent / "again")
+    for name in ("main_table.csv", "main_table.md", "main_table.tex", "README.md"):  # deterministic intervals
+        assert (out / name).read_bytes() == (out.parent / "again" / name).read_bytes()
     rows = read_csv(out / "main_table.csv")
     for row in rows:
         for column in ("text", "objects", "quality", "avg"):
@@ -172,7 +175,7 @@ def test_latex_table_parses_back_to_the_same_numbers(spread):
             value, lo, hi, bold = rows[record["model"]][column]
             expected = [round(record[f"{column}{s}"], 3) for s in ("", "_lo", "_hi")]
             assert [value, lo, hi] == pytest.approx(expected, abs=1e-12)
-            assert bold == (value == max(round(v, 3) for v in table[column]))
+            assert bold == (value == max(round(v, 3) for v in table[column]))  # the values differ: a best
     assert sum(rows[m][c][3] for m in rows for c in columns) >= len(columns)  # a best value per column
     assert r"flow\_opd:no\_mar & " in (out / "main_table.tex").read_text()  # labels escaped for LaTeX
 
@@ -326,3 +329,19 @@ def test_compare_bad_spec_is_one_line(tmp_path, two_specs, capsys):
     assert "mar.weight" in err and "Traceback" not in err
     assert main(["report", "compare", str(a), str(tmp_path / "missing.yaml")]) == 1
     assert "missing.yaml" in capsys.readouterr().err
+
+
+def test_render_bolds_a_best_only_where_values_differ_and_escapes_labels():
+    import polars as pl
+
+    from flowopd import render
+
+    frame = pl.DataFrame({"model": ["a_1", "b&c"], "x": [0.5, 0.5], "y": [0.1234, None], "y_lo": [0.1, None],
+                          "y_hi": [0.2, None], "z": [0.30, 0.2996]})
+    assert render.value_columns(frame) == ["x", "y", "z"]
+    assert render.markdown(frame).splitlines()[2:] == ["| a_1 | 0.500 | 0.123 [0.100, 0.200] | 0.300 |",
+                                                       "| b&c | 0.500 | – | 0.300 |"]  # ties at 3 digits
+    assert render.markdown(frame, digits=4, best="min").splitlines()[3] == "| b&c | 0.5000 | – | **0.2996** |"
+    latex = render.latex(frame, intervals=False)
+    assert r"a\_1 & 0.500 & 0.123 & 0.300 \\" in latex and r"b\&c & 0.500 & -- & 0.300 \\" in latex
+    assert render.render(frame, "csv", digits=2, intervals=False) == "model,x,y,z\na_1,0.50,0.12,0.30\nb&c,0.50,,0.30\n"

@@ -131,3 +131,20 @@ def test_readme_python_example_runs(spread, tmp_path, monkeypatch):
     exec(example, scope)
     assert scope["main"].height == 7 and scope["no_mar"]["pairing"].to_list()[-1] == "paired"
     assert set(scope["ablations"]["model"]) >= {"flow_opd", "flow_opd:no_mar", "flow_opd:sft_init"}
+
+
+def test_samples_that_disagree_with_the_metrics_give_no_interval(tmp_path, capsys):
+    shard = make_shard(tmp_path / "eval", "flow_opd", samples=scored({}))
+    lines = (shard / "samples.jsonl").read_text().splitlines()
+    lines = [line.replace('"score": ', '"score": 0.25, "was": ', 1) if '"benchmark": "text"' in line and i == 0
+             else line for i, line in enumerate(lines)]  # one text score changed: no longer the recorded mean
+    objects = [i for i, line in enumerate(lines) if '"benchmark": "objects"' in line]
+    del lines[objects[-1]]  # one objects sample lost: not every prompt x seed
+    (shard / "samples.jsonl").write_text("\n".join(lines) + "\n")
+    db = tmp_path / "ledger.duckdb"
+    ingest([shard], db)
+    row = tables.main_table(db).row(0, named=True)
+    assert row["text_lo"] is None and row["objects_lo"] is None and row["avg_lo"] is None
+    assert row["quality_lo"] < row["quality"] < row["quality_hi"] and row["text"] is not None
+    err = capsys.readouterr().err
+    assert "flow_opd: text.score: samples average" in err and "objects.strict: samples do not cover" in err
