@@ -296,20 +296,18 @@ def cmd_compare(args) -> int:
 
 
 def cmd_claims(args) -> int:
+    from flowopd import tables
     from flowopd.claims import claim_lines
 
-    def action():
-        from flowopd import tables
-
-        print("\n".join(claim_lines(tables.claims(args.db, args.shards), args.digits)))
-
-    return _one_line(action)
+    return _one_line(lambda: print("\n".join(claim_lines(tables.claims(args.db, args.shards), args.digits))))
 
 
 def table_text(args) -> str:
     """`flowopd report table`: the chosen table, rows and columns in the chosen format."""
     from flowopd import render, tables
 
+    if args.against and args.table != "main":
+        raise LedgerError("--against applies to the main table only")
     results = tables.load(args.db, args.shards)
     if args.table == "main":
         frame, best = results.main_table(args.rows, args.columns, args.against), "max"

@@ -199,19 +199,20 @@ class Results:
                     chosen.append(label)
         return chosen
 
+    def cell(self, model: str, column: str, metric: str | None = None, against: str | None = None) -> tuple:
+        """(mean, lo, hi) of a cell, or of model - `against` with its paired interval; None where missing."""
+        value, estimate = self.mean(model, column, metric), self.estimate(model, column, metric)
+        if against is not None:
+            base = self.mean(against, column, metric)
+            value = None if value is None or base is None else value - base
+            estimate = self.difference(model, against, column, metric)
+        return (value, *(bootstrap.interval(estimate.draws) if estimate is not None else (None, None)))
+
     def _frame(self, models: list[str], columns: list[tuple[str, str, str | None]], against: str | None = None):
-        """columns: (name, benchmark or 'avg', metric or None for the headline): value, value_lo, value_hi."""
+        """columns: (name, benchmark or 'avg', metric or None for the headline) -> name, name_lo, name_hi."""
         data: dict[str, list] = {"model": models}
         for name, column, metric in columns:
-            cells = []
-            for model in models:
-                value = self.mean(model, column, metric)
-                estimate = self.estimate(model, column, metric)
-                if against is not None:
-                    base, base_estimate = self.mean(against, column, metric), self.estimate(against, column, metric)
-                    value = None if value is None or base is None else value - base
-                    estimate = None if estimate is None or base_estimate is None else estimate - base_estimate
-                cells.append((value, *(bootstrap.interval(estimate.draws) if estimate is not None else (None, None))))
+            cells = [self.cell(model, column, metric, against) for model in models]
             for suffix, values in zip(("", "_lo", "_hi"), zip(*cells) if cells else ([], [], [])):
                 data[name + suffix] = list(values)
         return pl.DataFrame(data, schema={"model": pl.String} | {c: pl.Float64 for c in list(data)[1:]})

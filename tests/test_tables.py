@@ -1,6 +1,7 @@
 """The Python API: SQL to Polars, the report's tables as frames (the same numbers as reports/), rows by spec glob,
 and `flowopd report table` in every format."""
 
+import runpy
 import shutil
 
 import polars as pl
@@ -113,6 +114,8 @@ def test_report_table_command_in_each_format(spread, tmp_path, capsys):
     text = (tmp_path / "d.tex").read_text()
     value, lo, hi, bold = parse_latex(text)[1]["mixed_grpo"]["avg"]
     assert "$-$" in text and lo < value < hi < 0 and not bold
+    assert main(["report", "table", "--db", str(db), "--table", "mar", "--against", "flow_opd"]) == 1
+    assert capsys.readouterr().err == "--against applies to the main table only\n"
 
 
 def test_readme_python_example_runs(spread, tmp_path, monkeypatch):
@@ -127,8 +130,8 @@ def test_readme_python_example_runs(spread, tmp_path, monkeypatch):
             for name, label, path in (("a", "flow_opd", "specs/flow_opd.yaml"),
                                       ("b", "flow_opd:no_mar", "specs/ablations/no_mar.yaml"))], db)
     monkeypatch.chdir(tmp_path)
-    scope = {}
-    exec(example, scope)
+    (tmp_path / "example.py").write_text(example)
+    scope = runpy.run_path(str(tmp_path / "example.py"))
     assert scope["main"].height == 7 and scope["no_mar"]["pairing"].to_list()[-1] == "paired"
     assert set(scope["ablations"]["model"]) >= {"flow_opd", "flow_opd:no_mar", "flow_opd:sft_init"}
 
