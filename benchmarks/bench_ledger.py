@@ -1,14 +1,17 @@
 """Ledger ingest and report-query speed on a synthetic history of eval runs.
 
-Run:  .venv/bin/python benchmarks/bench_ledger.py --runs 10000 --metrics 50 --seeds 3 --files 1000
+Run:  .venv/bin/python benchmarks/bench_ledger.py --runs 10000 --metrics 50 --seeds 3 --files 1000 --prompts 553
 
-1. rows: the rows of `--runs` eval shards (each `--metrics` metrics over 5 benchmarks x `--seeds` seeds, 6 files)
-   and of 1 training run per 100 eval runs (a 1,000-step curve of 3 keys), built as Arrow tables, bulk-inserted
-   into a new ledger in one transaction (flowopd.ledger.insert); then the same rows again (must add nothing).
-2. queries: what the report runs on that ledger: the headline values of 6 current runs and the main table, and
-   the latest run per model of one spec (compare).
-3. files: `--files` shard folders written in the eval phase's format, read and checked (flowopd.ledger.collect),
-   then inserted: the whole `flowopd ledger ingest` path.
+1. rows: the rows of `--runs` eval shards (each `--metrics` metrics over 5 benchmarks x `--seeds` seeds, 6 files;
+   the 6 latest also 64 per-sample scores per metric and seed) and of 1 training run per 100 eval runs (a 1,000-step
+   curve of 3 keys), built as Arrow tables, bulk-inserted into a new ledger in one transaction
+   (flowopd.ledger.insert); then the same rows again (must add nothing).
+2. queries: what the report runs on that ledger: the 6 current runs loaded with their per-sample scores and
+   bootstrap intervals (flowopd.tables.load_runs) and the main table, and the latest run per model of one spec.
+3. files: `--files` shard folders written in the eval phase's format (with samples.jsonl), read and checked
+   (flowopd.ledger.collect), then inserted: the whole `flowopd ledger ingest` path.
+4. intervals: the bootstrap alone (flowopd.bootstrap.estimate) for a table of 12 models x 5 benchmarks, at 64
+   prompts x `--seeds` seeds (the tiny world) and at `--prompts` prompts (GenEval has 553).
 Prints measured seconds and rows (or shards) per second; nothing is extrapolated.
 """
 
@@ -23,10 +26,12 @@ import numpy as np
 import polars  # noqa: F401  (imported before the timed report query, as in the report stage)
 import pyarrow as pa
 
+from flowopd import bootstrap
 from flowopd.ledger import TABLES, Rows, collect, connect, insert
-from flowopd.report import LATEST_SQL, headline_values, main_table
+from flowopd.tables import LATEST_SQL, load_runs
 
 BENCHMARKS = ("text", "objects", "quality", "counting", "position")
+PROMPTS, CURRENT = 64, 6  # per-sample scores: prompts per benchmark, for the latest CURRENT runs
 
 
 def synthetic_tables(runs: int, metrics: int, seeds: int, rng) -> dict[str, pa.Table]:
@@ -38,6 +43,11 @@ def synthetic_tables(runs: int, metrics: int, seeds: int, rng) -> dict[str, pa.T
     per_bench = metrics // len(BENCHMARKS)
     metric_names = [f"{b}/m{j}" for b in BENCHMARKS for j in range(per_bench)]
     n_rows = runs * len(metric_names) * seeds
+    # per-sample scores of the CURRENT latest runs; their metrics are these samples' means
+    scores = rng.random((CURRENT, len(metric_names), seeds, PROMPTS))
+    values = rng.random(n_rows)
+    values[-scores[..., 0].size:] = scores.mean(axis=-1).ravel()
+    n_samples = scores.size
     finished = np.datetime64("2025-01-01T00:00:00") + rng.integers(0, 10**7, runs).astype("timedelta64[s]")
     columns = {
         "runs": {
@@ -64,8 +74,18 @@ def synthetic_tables(runs: int, metrics: int, seeds: int, rng) -> dict[str, pa.T
                                  runs),
             "metric": np.tile(np.repeat(np.array(metric_names, dtype=object), seeds), runs),
             "seed": np.tile(np.arange(seeds, dtype=np.int32), runs * len(metric_names)),
-            "value": rng.random(n_rows),
+            "value": values,
             "n": np.full(n_rows, 64, dtype=np.int32),
+        },
+        "samples": {
+            "run_id": np.repeat(eval_ids[-CURRENT:], n_samples // CURRENT),
+            "benchmark": np.tile(np.repeat(np.array([m.split("/")[0] for m in metric_names], dtype=object),
+                                           seeds * PROMPTS), CURRENT),
+            "metric": np.tile(np.repeat(np.array(metric_names, dtype=object), seeds * PROMPTS), CURRENT),
+            "seed": np.tile(np.repeat(np.arange(seeds, dtype=np.int32), PROMPTS), CURRENT * len(metric_names)),
+            "prompt_index": np.tile(np.arange(PROMPTS, dtype=np.int32), n_samples // PROMPTS),
+            "prompt": np.tile(np.array([f"prompt {i}" for i in range(PROMPTS)], dtype=object), n_samples // PROMPTS),
+            "value": scores.ravel(),
         },
         "curves": {
             "run_id": np.repeat(train_ids, 3000),
@@ -99,16 +119,20 @@ def write_shards(root: Path, count: int, metrics: int, seeds: int, rng) -> list[
     for i in range(count):
         folder = root / f"shard{i:05d}"
         folder.mkdir(parents=True)
-        benchmarks = {b: {"n": 64, "headline": "m0", "metrics": {
-            f"m{j}": {"seeds": {str(s): float(v) for s, v in enumerate(rng.random(seeds))}, "mean": 0.5, "std": 0.1}
-            for j in range(per_bench)}} for b in BENCHMARKS}
+        scores = rng.random((len(BENCHMARKS), per_bench, seeds, PROMPTS))
+        benchmarks = {b: {"n": PROMPTS, "headline": "m0", "metrics": {
+            f"m{j}": {"seeds": {str(s): float(scores[i, j, s].mean()) for s in range(seeds)}, "mean": 0.5, "std": 0.1}
+            for j in range(per_bench)}} for i, b in enumerate(BENCHMARKS)}
         (folder / "metrics.json").write_text(json.dumps({"benchmarks": benchmarks, "headline": {}}))
         (folder / "spec.json").write_text(json.dumps(spec))
         meta = {"phase": "eval", "model": "base", "spec_name": "bench", "spec_hash": "b" * 64, "shard": i,
                 "started": "2025-01-01T00:00:00+00:00", "finished": "2025-01-01T00:01:00+00:00", "seconds": 60.0,
                 "packages": {"torch": "2.13.0"}, "git_rev": "abc", "git_dirty": False}
         (folder / "meta.json").write_text(json.dumps(meta))
-        (folder / "samples.jsonl").write_text('{"score": 0.5}\n' * 64)
+        (folder / "samples.jsonl").write_text("".join(
+            json.dumps({"benchmark": b, "seed": s, "index": k, "prompt": f"prompt {k}"}
+                       | {f"m{j}": float(scores[i, j, s, k]) for j in range(per_bench)}) + "\n"
+            for i, b in enumerate(BENCHMARKS) for s in range(seeds) for k in range(PROMPTS)))
         folders.append(folder)
     return folders
 
@@ -125,6 +149,7 @@ def main():
     parser.add_argument("--metrics", type=int, default=50, help="metrics per run (over 5 benchmarks)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--files", type=int, default=1000, help="shard folders for the file-ingest timing")
+    parser.add_argument("--prompts", type=int, default=553, help="prompts per benchmark for the bootstrap timing")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     workdir = Path(tempfile.mkdtemp(prefix="bench_ledger."))
@@ -145,12 +170,13 @@ def main():
             print(f"re-ingest of the same rows (adds none): {again_s:.2f} s")
         print(f"ledger file: {db.stat().st_size / 2**20:.1f} MiB")
         with connect(db, read_only=True) as con:
-            current = [f"{i:016x}" for i in range(args.runs - 6, args.runs)]  # one run of each of the 6 labels
-            (table, _), query_s = timed(lambda: main_table(headline_values(con, current)))
-            assert table.height == 6
-            print(f"report query (headline values of 6 current runs among {args.runs:,} + main table): "
-                  f"{query_s:.3f} s")
-            latest, latest_s = timed(lambda: con.execute(LATEST_SQL, [f"{3:064x}"]).fetchall())
+            current = [f"{i:016x}" for i in range(args.runs - CURRENT, args.runs)]  # one run of each label
+            table, query_s = timed(lambda: load_runs(con, current).main_table())
+            assert table.height == CURRENT and table["avg_lo"].null_count() == 0
+            print(f"report query (6 current runs among {args.runs:,}, their samples, bootstrap intervals, main "
+                  f"table): {query_s:.3f} s")
+            spec = f"{3:064x}"
+            latest, latest_s = timed(lambda: con.execute(LATEST_SQL, [spec, spec]).fetchall())
             print(f"compare query (latest run per model of one spec, {len(latest)} rows): {latest_s:.3f} s")
         if args.files:
             folders, write_s = timed(lambda: write_shards(workdir / "shards", args.files, args.metrics, args.seeds,
@@ -162,6 +188,13 @@ def main():
                 _, insert_s = timed(lambda: insert(con, rows.arrow()))
             print(f"ingest of {args.files} shard folders: read + check {read_s:.2f} s, insert {insert_s:.2f} s: "
                   f"{args.files / (read_s + insert_s):,.0f} shards/s, {n_rows / (read_s + insert_s):,.0f} rows/s")
+        for prompts in (PROMPTS, args.prompts):
+            cells = {(m, b): (bootstrap.Design(b, tuple((k, f"p{k}") for k in range(prompts)), tuple(range(args.seeds))),
+                              rng.random(prompts)) for m in range(12) for b in BENCHMARKS}
+            estimates, boot_s = timed(lambda cells=cells: bootstrap.estimate(cells))
+            intervals, quantile_s = timed(lambda found=estimates: [bootstrap.interval(e.draws) for e in found.values()])
+            print(f"bootstrap of 12 models x {len(BENCHMARKS)} benchmarks x {prompts} prompts, "
+                  f"{bootstrap.RESAMPLES} resamples: draws {boot_s:.3f} s, {len(intervals)} intervals {quantile_s:.3f} s")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -5,6 +5,8 @@ Tables (all joined on `run_id`):
               (from the model folder, linked by the eval row's `parent_run_id`); spec, git and environment.
 - benchmarks: per eval run and benchmark: headline metric, the task's normaliser (for avg), report position, n.
 - metrics:    per eval run, benchmark, metric and seed: the value (n: prompts scored).
+- samples:    per eval run, benchmark, seed, prompt and metric: one image's score (samples.jsonl, long format); what
+              the report's bootstrap confidence intervals resample.
 - curves:     per training run, step and key (loss, reward, kl, ...): the training curve (curve.csv, long format).
 - artifacts:  every file of the shard and of the model folder: path, sha256, bytes, role.
 
@@ -52,9 +54,17 @@ TABLES: dict[str, dict[str, str]] = {
         "run_id": "VARCHAR", "benchmark": "VARCHAR", "metric": "VARCHAR", "seed": "INTEGER", "value": "DOUBLE",
         "n": "INTEGER",
     },
+    "samples": {
+        "run_id": "VARCHAR", "benchmark": "VARCHAR", "seed": "INTEGER", "prompt_index": "INTEGER", "prompt": "VARCHAR",
+        "metric": "VARCHAR", "value": "DOUBLE",
+    },
     "curves": {"run_id": "VARCHAR", "step": "INTEGER", "key": "VARCHAR", "value": "DOUBLE"},
     "artifacts": {"run_id": "VARCHAR", "path": "VARCHAR", "sha256": "VARCHAR", "bytes": "BIGINT", "role": "VARCHAR"},
 }
+# Tables filled for a run the ledger already holds when it has no rows there yet: a ledger written before the table
+# existed gains the rows on the next ingest of the same shards (their run_ids are unchanged).
+BACKFILL = ("samples",)
+SAMPLE_KEYS = ("benchmark", "seed", "index", "prompt")  # the rest of a samples.jsonl row: one score per metric
 ROLES = {"meta.json": "meta", "spec.json": "spec", "metrics.json": "metrics", "samples.jsonl": "samples",
          "curve.csv": "curve", "model.safetensors": "weights", "model_config.json": "config"}
 
@@ -217,6 +227,47 @@ def _check_metrics(record, where: str) -> dict:
     return record
 
 
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def read_samples(path: Path, record: dict) -> list[tuple]:
+    """samples.jsonl -> (benchmark, seed, prompt index, prompt, metric, value), one per metric a row scores.
+
+    Only the metrics metrics.json lists for the row's benchmark are read (other keys, such as a decoded text, are
+    skipped); a boolean (a per-sample flag) counts as 0 or 1. A shard without the file has no samples."""
+    if not path.is_file():
+        return []
+    samples, seen = [], set()
+    with open(path, encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise LedgerError(f"{where}: not valid JSON ({err.msg})") from None
+            bench = record["benchmarks"].get(row.get("benchmark")) if isinstance(row, dict) else None
+            if bench is None:
+                raise LedgerError(f"{where}: not a sample of a benchmark in metrics.json")
+            key = tuple(row.get(k) for k in SAMPLE_KEYS)
+            benchmark, seed, index, prompt = key
+            if not _whole(seed) or str(seed) not in bench["metrics"][bench["headline"]]["seeds"]:
+                raise LedgerError(f"{where}: seed {seed!r} is not one of metrics.json's seeds for {benchmark}")
+            if not _whole(index) or not isinstance(prompt, str):
+                raise LedgerError(f"{where}: needs a prompt `index` (an integer >= 0) and its `prompt` text")
+            if (benchmark, seed, index) in seen:
+                raise LedgerError(f"{where}: a second sample of {benchmark} prompt {index} seed {seed}")
+            seen.add((benchmark, seed, index))
+            for metric in (m for m in bench["metrics"] if m in row):
+                value = row[metric]
+                if type(value) is not float or not math.isfinite(value):  # the common case checked first
+                    value = float(value) if isinstance(value, bool) else _number(value, f"{where}: {metric}")
+                samples.append((benchmark, seed, index, prompt, metric, value))
+    return samples
+
+
 def read_shard(rows: Rows, folder: str | Path) -> str:
     """Add one eval shard (and its model's training run) to `rows`; returns its run_id. Raises LedgerError."""
     folder = Path(folder)
@@ -231,6 +282,7 @@ def read_shard(rows: Rows, folder: str | Path) -> str:
         if not isinstance(meta.get(key), str) or not meta[key]:
             raise LedgerError(f"{folder}/meta.json: {key}: missing")
     record = _check_metrics(_read_json(folder / "metrics.json"), f"{folder}/metrics.json")
+    samples = read_samples(folder / "samples.jsonl", record)
     spec = _read_json(folder / "spec.json")
     spec = spec if isinstance(spec, dict) else {}
     tasks = spec.get("tasks") if isinstance(spec.get("tasks"), dict) else {}
@@ -265,6 +317,10 @@ def read_shard(rows: Rows, folder: str | Path) -> str:
                 metrics[column] += [value] * len(seeds)
             metrics["seed"] += map(int, seeds)
             metrics["value"] += map(float, seeds.values())
+    columns = rows.columns["samples"]
+    columns["run_id"] += [run_id] * len(samples)
+    for column, values in zip(("benchmark", "seed", "prompt_index", "prompt", "metric", "value"), zip(*samples)):
+        columns[column] += values
     _add_files(rows, run_id, folder, {})
     return run_id
 
@@ -346,8 +402,10 @@ def insert(con, tables: dict) -> list[str]:
                     "WHERE run_id NOT IN (SELECT run_id FROM runs)")
         for name in tables:
             columns = ", ".join(TABLES[name])
+            wanted = f"(SELECT run_id FROM fresh UNION SELECT run_id FROM runs WHERE run_id NOT IN " \
+                     f"(SELECT run_id FROM {name}))" if name in BACKFILL else "(SELECT run_id FROM fresh)"
             con.execute(f"INSERT INTO {name} ({columns}) SELECT {columns} FROM incoming_{name} "
-                        "WHERE run_id IN (SELECT run_id FROM fresh)")
+                        f"WHERE run_id IN {wanted}")
         fresh = [r[0] for r in con.execute("SELECT run_id FROM fresh ORDER BY run_id").fetchall()]
         con.execute("DROP TABLE fresh")
         con.execute("COMMIT")

@@ -46,9 +46,10 @@ CODE_DEPS |= {
     "opd": ["stages/opd.py", "flowopd/opd.py", "flowopd/cold_start.py", "flowopd/router.py", *TRAINING_DEPS],
 }
 LEDGER_DEPS = ["stages/ledger.py", "flowopd/ledger.py", "flowopd/artifacts.py"]
-REPORT_DEPS = ["stages/report.py", "flowopd/report.py", "flowopd/ledger.py"]
-REPORT_OUTS = ["reports/main_table.csv", "reports/main_table.md", "reports/mar_table.md", "reports/README.md", "reports/plots",
-               "reports/grids"]
+REPORT_DEPS = ["stages/report.py", "flowopd/report.py", "flowopd/tables.py", "flowopd/bootstrap.py", "flowopd/claims.py",
+               "flowopd/render.py", "flowopd/ledger.py"]
+REPORT_OUTS = ["reports/main_table.csv", "reports/main_table.md", "reports/main_table.tex", "reports/mar_table.md",
+               "reports/exploit_table.md", "reports/README.md", "reports/plots", "reports/grids"]
 HEADER = (
     "# Generated from specs/ by `flowopd pipeline write` (make repro runs it). Do not edit by hand:\n"
     "# stages are keyed by the hash of the spec sections their phase reads, and shared across specs.\n"

@@ -36,16 +36,24 @@ def make_model(folder: Path, phase: str = "base", curve: list[dict] | None = Non
 
 def make_shard(folder: Path, model: str = "base", values: dict | None = None, spec_hash: str = "h" * 64,
                finished: str = "2025-01-02T00:00:00+00:00", model_dir: Path | None = None,
-               tasks: dict = TASKS) -> Path:
+               tasks: dict = TASKS, samples: dict | None = None, prompts: int = 4) -> Path:
     """An eval shard in the exact format of flowopd.evaluate + phases.run_eval.
 
-    values: {task: {metric: [value per seed]}}; default: every metric of every task 0.5 on seeds 0 and 1.
+    values: {task: {metric: [value per seed]}}; default: every metric of every task 0.5 on seeds 0 and 1; each of
+    `prompts` prompts scores its seed's value. samples: {task: {metric: [[score per prompt] per seed]}} instead:
+    the per-sample scores, whose means are the values.
     """
+    if samples is not None:
+        values = {t: {m: [sum(s) / len(s) for s in seeds] for m, seeds in metrics.items()}
+                  for t, metrics in samples.items()}
     values = values or {t: {h: [0.5, 0.5]} for t, (h, _) in tasks.items()}
+    if samples is None:
+        samples = {t: {m: [[v] * prompts for v in seeds] for m, seeds in metrics.items()} for t, metrics in values.items()}
     folder.mkdir(parents=True)
     benchmarks = {}
     for task, metrics in values.items():
-        benchmarks[task] = {"n": 4, "headline": tasks[task][0], "metrics": {
+        n = len(samples[task][tasks[task][0]][0]) if tasks[task][0] in samples[task] else prompts
+        benchmarks[task] = {"n": n, "headline": tasks[task][0], "metrics": {
             metric: {"seeds": {str(i): v for i, v in enumerate(seeds)}, "mean": sum(seeds) / len(seeds), "std": 0.0}
             for metric, seeds in metrics.items()}}
     record = {"benchmarks": benchmarks,
@@ -60,7 +68,15 @@ def make_shard(folder: Path, model: str = "base", values: dict | None = None, sp
             "finished": finished, "seconds": 12.5, "git_rev": "abc", "git_dirty": True, "python": "3.11",
             "platform": "linux", "packages": {"torch": "2.13.0"}, "device": "cpu x2"}
     (folder / "meta.json").write_text(json.dumps(meta))
-    (folder / "samples.jsonl").write_text('{"benchmark": "text", "score": 0.5}\n')
+    rows = {}  # (task, seed, prompt) -> one samples.jsonl row, every metric of that image
+    for task, metrics in samples.items():
+        for metric, seeds in metrics.items():
+            for seed, scores in enumerate(seeds):
+                for index, score in enumerate(scores):
+                    row = rows.setdefault((task, seed, index), {"benchmark": task, "seed": seed, "index": index,
+                                                                "prompt": f"{task} prompt {index}"})
+                    row[metric] = score
+    (folder / "samples.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows.values()))
     for task in values:
         Image.new("RGB", (8, 8), "white").save(folder / f"grid_{task}.png")
     return folder
@@ -88,6 +104,7 @@ def test_ingest_writes_every_table_and_is_idempotent(tmp_path, shards, capsys):
     first = counts(db)
     # 2 eval runs + the base's training run; 3 tasks x 1 metric x 2 seeds per eval run; 5 steps x 2 keys
     assert first["runs"] == 3 and first["benchmarks"] == 6 and first["metrics"] == 12 and first["curves"] == 10
+    assert first["samples"] == 2 * 3 * 2 * 4  # 2 runs x 3 tasks x 2 seeds x 4 prompts, one metric each
     new, known = ingest([*shards, shards[0]], db)
     assert new == [] and sorted(known) == sorted(shard_run_id(s) for s in shards)
     assert counts(db) == first
@@ -116,6 +133,34 @@ def test_rows_hold_what_the_shard_says(tmp_path, shards):
     assert rows == [("w" * 64,)]  # recorded by the training phase, not re-hashed
 
 
+def test_samples_hold_every_scored_image(tmp_path):
+    db = tmp_path / "ledger.duckdb"
+    shard = make_shard(tmp_path / "s", samples={"text": {"score": [[0.0, 1.0, 0.5], [1.0, 1.0, 0.5]],
+                                                         "exact": [[False, True, False], [True, True, False]]}})
+    (shard / "samples.jsonl").write_text((shard / "samples.jsonl").read_text().replace(
+        '"benchmark"', '"ocr_text": "KO", "benchmark"'))  # a non-metric field: not a sample score
+    ingest([shard], db)
+    _, rows = query("SELECT benchmark, seed, prompt_index, prompt, metric, value FROM samples "
+                    "ORDER BY metric, seed, prompt_index", db)
+    assert rows[:3] == [("text", 0, 0, "text prompt 0", "exact", 0.0), ("text", 0, 1, "text prompt 1", "exact", 1.0),
+                        ("text", 0, 2, "text prompt 2", "exact", 0.0)]  # flags as 0 / 1
+    assert len(rows) == 2 * 2 * 3 and {r[4] for r in rows} == {"exact", "score"}
+    _, means = query("SELECT seed, avg(value) FROM samples WHERE metric = 'score' GROUP BY seed ORDER BY seed", db)
+    assert means == [(0, 0.5), (1, pytest.approx(2.5 / 3))]
+
+
+def test_a_ledger_without_samples_gains_them_on_the_next_ingest(tmp_path, shards):
+    db = tmp_path / "ledger.duckdb"
+    ingest(shards, db)
+    before = counts(db)
+    con = duckdb.connect(str(db))
+    con.execute("DROP TABLE samples")  # a ledger written before the samples table existed
+    con.close()
+    new, known = ingest(shards, db)
+    assert new == [] and len(known) == 2 and counts(db) == before
+    assert ingest(shards, db)[0] == [] and counts(db) == before  # and only once
+
+
 def test_changed_shard_adds_a_run_and_keeps_history(tmp_path, shards):
     db = tmp_path / "ledger.duckdb"
     ingest(shards, db)
@@ -132,6 +177,16 @@ def test_changed_shard_adds_a_run_and_keeps_history(tmp_path, shards):
     (lambda s: (s / "metrics.json").write_text(json.dumps({"benchmarks": {"text": {
         "n": 4, "headline": "score", "metrics": {"score": {"seeds": {"0": "high"}}}}}})),
      "benchmarks.text.metrics.score.seeds.0: 'high' is not a finite number"),
+    (lambda s: (s / "samples.jsonl").write_text('{"benchmark": "text", "seed": 7, "index": 0, "prompt": "p"}\n'),
+     "samples.jsonl:1: seed 7 is not one of metrics.json's seeds for text"),
+    (lambda s: (s / "samples.jsonl").write_text('{"benchmark": "text", "score": 0.5}\n'),
+     "samples.jsonl:1: seed None is not one of"),
+    (lambda s: (s / "samples.jsonl").write_text('{"benchmark": "text", "seed": 0, "index": 0, "prompt": "p", '
+                                                '"score": NaN}\n'), "samples.jsonl:1: score: nan is not a finite"),
+    (lambda s: (s / "samples.jsonl").write_text('{"benchmark": "text", "seed": 0, "index": 0, "prompt": "p"}\n' * 2),
+     "samples.jsonl:2: a second sample of text prompt 0 seed 0"),
+    (lambda s: (s / "samples.jsonl").write_text('{"benchmark": "speed", "seed": 0}\n'),
+     "samples.jsonl:1: not a sample of a benchmark in metrics.json"),
 ])
 def test_bad_shard_is_named_and_leaves_the_ledger_unchanged(tmp_path, shards, damage, message):
     db = tmp_path / "ledger.duckdb"

@@ -70,3 +70,21 @@ def test_stage_refuses_a_bad_spec_with_one_line_per_problem(tmp_path, capsys):
         stage_main("data", ["--spec", str(bad), "--out", str(tmp_path / "out")])
     assert "base.steps" in str(exit_info.value.code)
     assert not (tmp_path / "out").exists()
+
+
+def test_eval_shard_feeds_the_ledger_samples_and_the_report_intervals(two_runs, tmp_path):
+    from flowopd import tables
+    from flowopd.ledger import ingest
+
+    shard = two_runs[0] / "eval"
+    record = json.loads((shard / "metrics.json").read_text())
+    db = tmp_path / "ledger.duckdb"
+    ingest([shard], db)
+    samples = tables.sql("SELECT benchmark, metric, seed, avg(value) AS mean, count(*) AS n FROM samples "
+                         "GROUP BY ALL ORDER BY ALL", db)
+    assert set(samples["n"]) == {4}  # every prompt of every benchmark, metric and seed
+    for benchmark, metric, seed, mean, _ in samples.iter_rows():  # each seed's metric is its samples' mean
+        assert mean == pytest.approx(record["benchmarks"][benchmark]["metrics"][metric]["seeds"][str(seed)])
+    row = tables.main_table(db, [shard]).row(0, named=True)
+    for task in ("text", "objects", "quality", "avg"):
+        assert row[f"{task}_lo"] <= row[task] <= row[f"{task}_hi"]
