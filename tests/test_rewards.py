@@ -214,5 +214,5 @@ def test_quality_shape_fit_is_blur_invariant():
     colours = np.array([WORLD.colours.index(p.objects[0].colour) for p in prompts])
     shapes = np.array([SHAPES.index(p.objects[0].shape) for p in prompts])
     sharp, soft = (single_object_content(x, WORLD.colours, colours, shapes) for x in (truth, blurred))
-    assert sharp["fit"].min() > 0.95 and soft["fit"].min() > 0.95 and soft["colour"].min() > 0.95
-    assert soft["shape"].mean() > 1 / 3 and sharp["shape"].min() > 0.95
+    assert sharp["mismatch"].max() < 0.01 and soft["mismatch"].max() < 0.06 and soft["colour"].min() > 0.95
+    assert sharp["shape"].min() > 0.95 and soft["shape"].min() > 0.3  # blur leaves shapes ambiguous, not wrong

@@ -16,13 +16,15 @@ content (does the image show the prompt's one object, the asked shape in the ask
   its blends with white at blurred edges) than to any other palette colour or black;
 - an analysis-by-synthesis fit: the ink map a(x) (how far each pixel lies from white towards the asked colour, zero
   on other inks, less the background's own level) is compared with each shape's template of the same mass and
-  centroid, blurred by the best of a few Gaussian widths. Mass and centroid are invariant under blur, so a blurred
-  render of the right shape still fits its own template (blur is finish's business);
-  r_s = (sum (a - T_s)^2 - the background noise's expected share of it) / mass: the mismatched share of the object;
-- shape = softmax_s(-r_s / SHAPE_TEMPERATURE) at the asked shape: the asked shape explains the ink better than the
-  others (clean wrong shapes lose by r ~ 0.08-0.25, far more than blur or noise move the margins);
-- fit = clip(1 - r_asked, 0, 1): how much of the image the asked object explains (copies and extra blobs cost);
-  content = colour * shape * fit.
+  centroid, blurred by the best of a few Gaussian widths, both seen through a SMOOTH px Gaussian. Mass and centroid
+  are invariant under blur, so a blurred render of the right shape still fits its own template (blur is the
+  finish's business); r_s = (sum (a - T_s)^2 - the background noise's expected part of it) / mass: the mismatched
+  share of the object;
+- shape = softmax(-r / SHAPE_TEMPERATURE) over circle, square, triangle and "none" (r = NO_SHAPE, raised by what the
+  image's noise could explain), at the asked shape: the asked shape must explain the ink better than the other
+  shapes (a clean wrong shape loses by r >= 0.04) and well enough (a half disc, two copies, a smear: r >= 0.1);
+- room: an object on white, not a painted canvas (full up to MAX_SHARE of the canvas, none from twice that);
+  content = colour * shape * room.
 Prompts that ask for something else use their task's own reward as content: several objects, counts or relations
 the object checker's partial credit (flowopd.rewards.objects), words the OCR reward (flowopd.rewards.ocr).
 """
@@ -38,9 +40,14 @@ PALETTE_TOLERANCE = 40.0  # RGB distance from a palette colour (or black) within
 EDGE_MIN = 24.0  # neighbour steps (max over channels) below this are not edges
 CONTRAST = 200.0  # step of a crisp palette / black edge on white (>= 225 in the max-channel norm)
 MIN_INK = 24  # ink pixels (on a 32 px canvas) for a full presence term
+SMOOTH = 0.5  # Gaussian std (px on 32 px) through which the ink map and the templates are compared
 BLUR_WIDTHS = (0.0, 0.7, 1.2, 1.7, 2.2, 2.7, 3.2)  # Gaussian std (px on 32 px) tried for the templates' blur
-SHAPE_TEMPERATURE = 0.02  # of r: the softmax over shapes
+UNCLIPPED = 1 / (0.5 - 1 / (2 * np.pi))  # noise variance on ink / on white (clipped at 255: a half-normal)
+NO_SHAPE = 0.08  # mismatch r of "none of the shapes", the softmax's fourth option, on a noise-free image
+NOISE_SLACK = 8.0  # ... plus this many times the background noise's expected share of r
+SHAPE_TEMPERATURE = 0.005  # of r, in the softmax over shapes
 FAR_FROM_INK = 4  # px (on 32 px): white pixels this far from ink measure the background's level
+MAX_SHARE = 0.25  # share of the canvas an object may cover in full (renders: <= 0.15); none from twice that
 MIN_MASS = 4.0  # ink mass (pixels of full colour, on 32 px) below which there is no object to fit
 
 
@@ -92,17 +99,11 @@ def shape_templates(mass: np.ndarray, cx: np.ndarray, cy: np.ndarray, h: int, w:
     return np.stack(np.broadcast_arrays(circle, square, triangle), axis=1)
 
 
-def blur_matrices(n: int, scale: float) -> np.ndarray:
-    """(B, n, n) row-normalised Gaussian matrices, one per BLUR_WIDTHS std (scaled to the canvas): G T G^T blurs T."""
+def gaussian_matrix(std: float, n: int) -> np.ndarray:
+    """(n, n) row-normalised Gaussian: G T G^T blurs an (n, n) image T by std pixels."""
     i = np.arange(n, dtype=np.float32)
-    out = []
-    for std in BLUR_WIDTHS:
-        if std == 0:
-            out.append(np.eye(n, dtype=np.float32))
-            continue
-        g = np.exp(-0.5 * ((i[:, None] - i[None]) / (std * scale)) ** 2)
-        out.append(g / g.sum(1, keepdims=True))
-    return np.stack(out)
+    g = np.exp(-0.5 * ((i[:, None] - i[None]) / std) ** 2)
+    return g / g.sum(1, keepdims=True)
 
 
 def blur_all(templates: np.ndarray, blur: np.ndarray) -> np.ndarray:
@@ -129,7 +130,7 @@ def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
 
 def single_object_content(images: np.ndarray, colours: tuple[str, ...], colour_index: np.ndarray,
                           shape_index: np.ndarray) -> dict[str, np.ndarray]:
-    """content, colour, shape, fit per image for prompts asking one object (colour_index into colours, shape_index
+    """content, colour, shape and the asked shape's mismatch r per image, for prompts asking one object (colour_index into colours, shape_index
     into SHAPES); see the module docstring."""
     x = np.asarray(images, dtype=np.float32)
     n, h, w = x.shape[:3]
@@ -153,24 +154,31 @@ def single_object_content(images: np.ndarray, colours: tuple[str, ...], colour_i
     far = ~dilate(solid, 1 + round(FAR_FROM_INK * h / 32))
     level = (ink * far).sum((1, 2)) / np.maximum(far.sum((1, 2)), 1)
     ink = (ink - level[:, None, None]) * own
-    noise = (ink**2 * far).sum((1, 2)) / np.maximum(far.sum((1, 2)), 1) * own.sum((1, 2))  # its expected energy
     mass = ink.sum((1, 2))
     present = mass >= MIN_MASS * h * w / 1024
     safe = np.where(present, mass, 1.0)
     cy = (ink.sum(2) * (np.arange(h) + 0.5)).sum(1) / safe
     cx = (ink.sum(1) * (np.arange(w) + 0.5)).sum(1) / safe
-    templates = shape_templates(np.where(present, mass, 1.0).astype(np.float32), cx, cy, h, w)
-    blur = blur_matrices(h, h / 32)  # square canvases
-    blurred = blur_all(templates, blur)  # (N, 3, B, H, W)
-    energy = ((ink[:, None, None] - blurred) ** 2).sum((-1, -2)).min(-1)  # (N, 3)
+    templates = shape_templates(safe.astype(np.float32), cx, cy, h, w)
+    # both seen through a SMOOTH px Gaussian (pixel noise and the templates' aliasing fade, shapes stay); the
+    # templates also through each of BLUR_WIDTHS (Gaussian blurs compose: widths add in quadrature)
+    scale = h / 32  # square canvases
+    smooth = gaussian_matrix(SMOOTH * scale, h)
+    ink = smooth @ ink @ smooth.T
+    variance = (ink**2 * far).sum((1, 2)) / np.maximum(far.sum((1, 2)), 1)  # of noise on white, per pixel
+    noise = variance * ((own & white).sum((1, 2)) + UNCLIPPED * (own & ~white).sum((1, 2)))  # expected energy
+    blur = np.stack([gaussian_matrix(np.hypot(SMOOTH, b) * scale, h) for b in BLUR_WIDTHS])
+    energy = ((ink[:, None, None] - blur_all(templates, blur)) ** 2).sum((-1, -2)).min(-1)  # (N, 3)
     mismatch = np.maximum(energy - noise[:, None], 0) / safe[:, None]  # r_s
-    logits = -mismatch / SHAPE_TEMPERATURE
+    # "none of the shapes" wins past NO_SHAPE, raised by what the image's own noise could explain
+    no_shape = NO_SHAPE + NOISE_SLACK * noise / safe
+    logits = -np.concatenate([mismatch, no_shape[:, None]], axis=1) / SHAPE_TEMPERATURE
     posterior = np.exp(logits - logits.max(1, keepdims=True))
     posterior /= posterior.sum(1, keepdims=True)
     rows = np.arange(n)
     shape = np.where(present, posterior[rows, shape_index], 0.0)
-    fit = np.where(present, np.clip(1 - mismatch[rows, shape_index], 0, 1), 0.0)
-    return {"content": colour * shape * fit, "colour": colour, "shape": shape, "fit": fit}
+    room = np.clip((2 * MAX_SHARE - mass / (h * w)) / MAX_SHARE, 0, 1)  # an object on white, not a painted canvas
+    return {"content": colour * shape * room, "colour": colour, "shape": shape, "mismatch": mismatch[rows, shape_index]}
 
 
 def is_single_object(prompt: Prompt) -> bool:
