@@ -1,3 +1,5 @@
+import itertools
+
 import numpy as np
 import pytest
 from PIL import Image, ImageFilter
@@ -175,7 +177,7 @@ def test_quality_ranks_clean_over_flawed_over_wrong_content(world):
     wrong += [quality_prompt(p.objects[0].colour, shapes[(shapes.index(p.objects[0].shape) + k) % len(shapes)])
               for p in prompts for k in (1, 2)]
     wrong_score = quality(np.concatenate([truth, truth.repeat(2, axis=0)]), wrong)["score"]  # scored as other prompts
-    assert wrong_score.max() < 0.05
+    assert wrong_score.max() < 0.02  # a wrong shape keeps the floor of the shape term, 0.01
     for flaw in ("noise", "blur"):
         flawed = quality(np.stack([degrade(x, rng, flaw) for x in truth]), prompts)["score"]
         assert flawed.mean() < clean.mean() - 0.5, flaw  # clearly lower than clean...
@@ -190,8 +192,8 @@ def test_quality_is_graded_by_flaw_severity():
              for s in (0, 10, 20, 40, 60)]
     blurred = [quality(np.stack([np.asarray(Image.fromarray(x).filter(ImageFilter.GaussianBlur(r))) for x in truth]),
                        prompts)["score"].mean() for r in (0.5, 1.0, 1.5, 2.5)]
-    assert all(a > b + 0.02 for a, b in zip(noisy, noisy[1:])), noisy
-    assert noisy[0] > blurred[0] and all(a > b + 0.02 for a, b in zip(blurred, blurred[1:])), blurred
+    assert all(a > b + 0.02 for a, b in itertools.pairwise(noisy)), noisy
+    assert noisy[0] > blurred[0] and all(a > b + 0.02 for a, b in itertools.pairwise(blurred)), blurred
 
 
 def test_quality_content_of_other_prompts_is_their_task_reward():

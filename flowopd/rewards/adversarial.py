@@ -103,8 +103,8 @@ def adversarial_cases(world: WorldConfig, prompts: list[Prompt], rng: np.random.
     }
     if task == "text":
         cases["wrong word"] = render_all(world, [corrupt_prompt(world, p, rng) for p in prompts], rng)
-        objects = [objects_prompt((ObjectGroup(world.colours[i % len(world.colours)], world.shapes[i % len(world.shapes)]),))
-                   for i in range(n)]
+        kinds = [ObjectGroup(c, s) for c in world.colours for s in world.shapes]
+        objects = [objects_prompt((kinds[i % len(kinds)],)) for i in range(n)]
         cases["objects on a text prompt"] = render_all(world, objects, rng)
     else:
         cases["wrong colour"] = render_all(world, [corrupt_prompt(world, p, rng, "colour") for p in prompts], rng)

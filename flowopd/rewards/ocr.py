@@ -81,6 +81,23 @@ def binarise(images: np.ndarray) -> np.ndarray:
     return np.where(ink, 0, 255).astype(np.uint8)
 
 
+def once_per_picture(read):
+    """read(images (N,...) uint8, *args) -> list of N; wrapped so that identical pictures in a batch are read once
+    (a policy that draws one picture for every prompt; one picture scored against several prompts)."""
+
+    @functools.wraps(read)
+    def wrapped(images: np.ndarray, *args, **kwargs) -> list[str]:
+        images = np.ascontiguousarray(images)
+        if len(images) == 0:
+            return []
+        unique, index = np.unique(images.reshape(len(images), -1), axis=0, return_inverse=True)
+        reads = read(unique.reshape(-1, *images.shape[1:]), *args, **kwargs)
+        return [reads[i] for i in index.reshape(-1)]
+
+    return wrapped
+
+
+@once_per_picture
 def read_text(images: np.ndarray, alphabet: str) -> list[str]:
     api = tesseract(alphabet)
     out = []
@@ -108,6 +125,7 @@ def scene_tesseract(page_mode: str, whitelist: str | None):
     return api
 
 
+@once_per_picture
 def read_scene(images: np.ndarray, page_mode: str = "auto", whitelist: str | None = None) -> list[str]:
     """All text Tesseract finds in each (N, H, W, 3) uint8 image, whitespace removed."""
     api = scene_tesseract(page_mode, whitelist)

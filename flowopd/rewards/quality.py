@@ -20,9 +20,11 @@ content (does the image show the prompt's one object, the asked shape in the ask
   are invariant under blur, so a blurred render of the right shape still fits its own template (blur is the
   finish's business); r_s = (sum (a - T_s)^2 - the background noise's expected part of it) / mass: the mismatched
   share of the object;
-- shape = softmax(-r / SHAPE_TEMPERATURE) over circle, square, triangle and "none" (r = NO_SHAPE, raised by what the
-  image's noise could explain), at the asked shape: the asked shape must explain the ink better than the other
-  shapes (a clean wrong shape loses by r >= 0.04) and well enough (a half disc, two copies, a smear: r >= 0.1);
+- shape = SHAPE_FLOOR + (1 - SHAPE_FLOOR) x softmax(-r / SHAPE_TEMPERATURE) over circle, square, triangle and
+  "none" (r = NO_SHAPE, raised by what the image's noise could explain), at the asked shape: the asked shape must
+  explain the ink better than the other shapes (a clean wrong shape loses by r >= 0.04) and well enough (a half
+  disc, two copies, a smear: r >= 0.1); the floor keeps the asked colour in any shape worth a little (a graded
+  signal while a policy cannot draw the shape yet, far below a flawed render of the right shape);
 - room: an object on white, not a painted canvas (full up to MAX_SHARE of the canvas, none from twice that);
   content = colour * shape * room.
 Prompts that ask for something else use their task's own reward as content: several objects, counts or relations
@@ -46,6 +48,7 @@ UNCLIPPED = 1 / (0.5 - 1 / (2 * np.pi))  # noise variance on ink / on white (cli
 NO_SHAPE = 0.08  # mismatch r of "none of the shapes", the softmax's fourth option, on a noise-free image
 NOISE_SLACK = 8.0  # ... plus this many times the background noise's expected share of r
 SHAPE_TEMPERATURE = 0.005  # of r, in the softmax over shapes
+SHAPE_FLOOR = 0.01  # shape term of the asked colour drawn in no or another shape: a graded start for a teacher
 FAR_FROM_INK = 4  # px (on 32 px): white pixels this far from ink measure the background's level
 MAX_SHARE = 0.25  # share of the canvas an object may cover in full (renders: <= 0.15); none from twice that
 MIN_MASS = 4.0  # ink mass (pixels of full colour, on 32 px) below which there is no object to fit
@@ -128,12 +131,10 @@ def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
     return out
 
 
-def single_object_content(images: np.ndarray, colours: tuple[str, ...], colour_index: np.ndarray,
-                          shape_index: np.ndarray) -> dict[str, np.ndarray]:
-    """content, colour, shape and the asked shape's mismatch r per image, for prompts asking one object (colour_index into colours, shape_index
-    into SHAPES); see the module docstring."""
+def asked_ink(images: np.ndarray, colours: tuple[str, ...], colour_index: np.ndarray) -> dict[str, np.ndarray]:
+    """The ink map a(x) of the asked colour (N,H,W), with the masks and colour share it is built from."""
     x = np.asarray(images, dtype=np.float32)
-    n, h, w = x.shape[:3]
+    n, h = x.shape[:2]
     refs = np.array([PALETTE[c] for c in colours] + [(255, 255, 255), (0, 0, 0)], dtype=np.float32)
     dist2 = squared_distances(x, refs)  # (N,H,W,K+2)
     white = dist2.argmin(-1) == len(colours)
@@ -142,18 +143,26 @@ def single_object_content(images: np.ndarray, colours: tuple[str, ...], colour_i
     towards = 255.0 - refs[colour_index]  # (N, 3)
     ink = np.einsum("nhwc,nc->nhw", 255.0 - x, towards) / (towards**2).sum(1)[:, None, None]  # share of the way
     on_segment = 255.0 - np.clip(ink, 0, 1)[..., None] * towards[:, None, None]
-    d_segment2 = ((x - on_segment) ** 2).sum(-1)
     others = dist2.copy()
     others[np.arange(n), ..., colour_index] = np.inf
     others[..., len(colours)] = np.inf
-    own = d_segment2 <= others.min(-1)
+    own = ((x - on_segment) ** 2).sum(-1) <= others.min(-1)
     colour = (own & ~white).sum((1, 2)) / np.maximum((~white).sum((1, 2)), 1)
     # background level: the mean ink of the white pixels far from solid ink (noise on white is clipped at 255, so
     # it leans towards ink; blurred edges lie near ink), subtracted unclipped so that background noise adds no mass
     solid = ~dilate(white, 1)  # ink that survives a 3 x 3 erosion: shapes, not specks of noise
     far = ~dilate(solid, 1 + round(FAR_FROM_INK * h / 32))
     level = (ink * far).sum((1, 2)) / np.maximum(far.sum((1, 2)), 1)
-    ink = (ink - level[:, None, None]) * own
+    return {"ink": (ink - level[:, None, None]) * own, "colour": colour, "own": own, "white": white, "far": far}
+
+
+def single_object_content(images: np.ndarray, colours: tuple[str, ...], colour_index: np.ndarray,
+                          shape_index: np.ndarray) -> dict[str, np.ndarray]:
+    """content, colour, shape and the asked shape's mismatch r per image, for prompts asking one object
+    (colour_index into colours, shape_index into SHAPES); see the module docstring."""
+    a = asked_ink(images, colours, colour_index)
+    ink, own, white, far = a["ink"], a["own"], a["white"], a["far"]
+    n, h, w = ink.shape
     mass = ink.sum((1, 2))
     present = mass >= MIN_MASS * h * w / 1024
     safe = np.where(present, mass, 1.0)
@@ -176,9 +185,10 @@ def single_object_content(images: np.ndarray, colours: tuple[str, ...], colour_i
     posterior = np.exp(logits - logits.max(1, keepdims=True))
     posterior /= posterior.sum(1, keepdims=True)
     rows = np.arange(n)
-    shape = np.where(present, posterior[rows, shape_index], 0.0)
+    shape = np.where(present, SHAPE_FLOOR + (1 - SHAPE_FLOOR) * posterior[rows, shape_index], 0.0)
     room = np.clip((2 * MAX_SHARE - mass / (h * w)) / MAX_SHARE, 0, 1)  # an object on white, not a painted canvas
-    return {"content": colour * shape * room, "colour": colour, "shape": shape, "mismatch": mismatch[rows, shape_index]}
+    return {"content": a["colour"] * shape * room, "colour": a["colour"], "shape": shape,
+            "mismatch": mismatch[rows, shape_index]}
 
 
 def is_single_object(prompt: Prompt) -> bool:
