@@ -87,12 +87,12 @@ def once_per_picture(read):
 
     @functools.wraps(read)
     def wrapped(images: np.ndarray, *args, **kwargs) -> list[str]:
-        images = np.ascontiguousarray(images)
-        if len(images) == 0:
-            return []
-        unique, index = np.unique(images.reshape(len(images), -1), axis=0, return_inverse=True)
-        reads = read(unique.reshape(-1, *images.shape[1:]), *args, **kwargs)
-        return [reads[i] for i in index.reshape(-1)]
+        images = np.asarray(images)
+        first = {}  # picture bytes -> index of its first occurrence
+        index = [first.setdefault(image.tobytes(), len(first)) for image in images]
+        unique = [images[index.index(k)] for k in range(len(first))]
+        reads = read(np.stack(unique), *args, **kwargs) if unique else []
+        return [reads[k] for k in index]
 
     return wrapped
 
