@@ -15,7 +15,7 @@ import numpy as np
 from flowopd.rewards import get_reward
 from flowopd.world import WorldConfig, make_prompt_set, render, sample_prompts
 
-PROMPTS_FOR = {"ocr": "text", "objects": "objects", "quality": None}  # None: all tasks mixed
+PROMPTS_FOR = {"ocr": "text", "objects": "objects", "quality": "quality"}  # the prompts each reward trains on
 
 
 def main():

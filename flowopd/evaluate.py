@@ -1,7 +1,8 @@
 """Eval phase: a model on every benchmark with the ODE sampler over several seeds.
 
 Writes `metrics.json` (per benchmark, per metric: one value per seed, their mean and std, and the headline),
-`samples.jsonl` (per-sample scores) and `grid_<task>.png` (the first images of seed 0, captioned).
+`samples.jsonl` (per-sample scores) and `grid_<task>.png` (the first images of seed 0, captioned). Beside the
+reward's metrics, `prompt_ignoring` is the share of samples flowopd.exploits flags (per sample: its 0 / 1 flag).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from tqdm import tqdm
 
 from flowopd.artifacts import write_json
 from flowopd.data import read_prompts, world_config
+from flowopd.exploits import prompt_ignoring
 from flowopd.rewards import task_reward
 from flowopd.sampling import sample
 
@@ -76,6 +78,7 @@ def evaluate(bundle, spec, prompts_folder: Path, out: Path, progress: bool = Tru
         for seed in evaluation.seeds:
             images = generate(bundle, prompts, evaluation.sampler, seed, EVAL_BATCH[spec.model.kind], progress=bar)
             scores = reward(images, prompts)
+            scores["prompt_ignoring"] = prompt_ignoring(images, prompts, reward, scores["score"], task.normaliser)
             for metric, values in scores.items():
                 per_seed.setdefault(metric, []).append(float(np.mean(values)))
             for i, prompt in enumerate(prompts):

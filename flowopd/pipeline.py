@@ -34,8 +34,8 @@ PIPELINE_SPECS = ("specs/*.yaml", "specs/ablations/*.yaml")  # specs/sd3/ are fo
 CODE_DEPS = {
     "data": ["stages/data.py", "flowopd/phases.py", "flowopd/data.py", "flowopd/world"],
     "base": ["stages/base.py", "flowopd/phases.py", "flowopd/pretrain.py", "flowopd/models", "flowopd/world"],
-    "eval": ["stages/eval.py", "flowopd/phases.py", "flowopd/evaluate.py", "flowopd/data.py", "flowopd/sampling.py",
-             "flowopd/sde.py", "flowopd/rewards", "flowopd/models", "flowopd/world"],
+    "eval": ["stages/eval.py", "flowopd/phases.py", "flowopd/evaluate.py", "flowopd/exploits.py", "flowopd/data.py",
+             "flowopd/sampling.py", "flowopd/sde.py", "flowopd/rewards", "flowopd/models", "flowopd/world"],
 }
 TRAINING_DEPS = ["flowopd/phases.py", "flowopd/grpo.py", "flowopd/training.py", "flowopd/distributed.py", "flowopd/data.py",
                  "flowopd/sampling.py", "flowopd/sde.py", "flowopd/rewards", "flowopd/models", "flowopd/world"]

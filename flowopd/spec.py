@@ -55,7 +55,7 @@ RESERVED = ("base", "error")  # router default / MAR anchor words, so never teac
 REWARD_METRICS: dict[str, tuple[str, ...] | None] = {
     "ocr": ("score", "exact"),
     "objects": ("score", "strict"),
-    "quality": ("score",),
+    "quality": ("score", "content", "finish"),
     "pickscore": ("score",),
     "remote": None,
 }

@@ -1,10 +1,24 @@
+import itertools
+
 import numpy as np
 import pytest
+from PIL import Image, ImageFilter
 
 from flowopd.rewards import get_reward
 from flowopd.rewards.objects import find_objects, label_components, relations_between
 from flowopd.rewards.ocr import edit_distance, flow_grpo_ocr_score
-from flowopd.world import WorldConfig, corrupt_prompt, degrade, make_prompt_set, render, sample_prompts
+from flowopd.rewards.quality import is_single_object, single_object_content
+from flowopd.world import (
+    SHAPES,
+    WorldConfig,
+    corrupt_prompt,
+    degrade,
+    make_prompt_set,
+    quality_prompt,
+    render,
+    sample_prompts,
+    text_prompt,
+)
 
 WORLD = WorldConfig()
 
@@ -125,3 +139,82 @@ def test_quality_high_on_ground_truth_and_low_on_flaws():
     mild = np.clip(render_all(prompts) + np.random.default_rng(0).normal(0, 20, (256, 32, 32, 3)), 0, 255)
     assert 0.5 < quality(mild.astype(np.uint8), prompts)["score"].mean() < 0.9  # graded, not a cliff
     assert quality(np.full((2, 32, 32, 3), 255, np.uint8), prompts[:2])["score"].max() == 0.0  # empty canvas
+
+
+# ---------------------------------------------------------------- the quality reward reads the prompt
+SPEC_WORLD = WorldConfig(colours=("red", "green", "blue"), max_count=2, jitter=False)  # specs/flow_opd.yaml
+
+
+def quality_setup(world, n=96):
+    prompts = make_prompt_set(world, "quality", n, seed=0, split="train")
+    return prompts, np.stack([render(world, p, np.random.default_rng(i)) for i, p in enumerate(prompts)])
+
+
+def test_quality_pays_only_the_asked_object():
+    """The issue's exploits (a black square, the word "OK", a blue square on 'a red circle') scored 1.0, 1.0, 0.667
+    when the reward read the image only; the asked render still scores ~1."""
+    prompts = [quality_prompt("red", "circle")] * 4
+    truth = render(WORLD, prompts[0], np.random.default_rng(0))
+    blob = np.full((32, 32, 3), 255, np.uint8)
+    blob[11:21, 11:21] = 0
+    word = render(WORLD, text_prompt("OK"), np.random.default_rng(0))
+    blue_square = render(WORLD, quality_prompt("blue", "square"), np.random.default_rng(0))
+    out = get_reward("quality")(np.stack([truth, blob, word, blue_square]), prompts)
+    assert out["score"][0] > 0.9 and out["score"][1:].max() < 0.05, out["score"]
+    assert (out["finish"] > 0.9).all()  # the image-only terms still call all four clean
+    assert {"score", "content", "finish", "background", "sharpness", "palette"} <= set(out)
+
+
+@pytest.mark.parametrize("world", [WORLD, SPEC_WORLD], ids=["jitter", "spec"])
+def test_quality_ranks_clean_over_flawed_over_wrong_content(world):
+    prompts, truth = quality_setup(world)
+    quality = get_reward("quality", world)
+    clean = quality(truth, prompts)["score"]
+    assert clean.mean() >= 0.95 and clean.min() >= 0.9
+    rng = np.random.default_rng(1)
+    wrong = [corrupt_prompt(world, p, rng, "colour") for p in prompts]
+    shapes = world.shapes
+    wrong += [quality_prompt(p.objects[0].colour, shapes[(shapes.index(p.objects[0].shape) + k) % len(shapes)])
+              for p in prompts for k in (1, 2)]
+    wrong_score = quality(np.concatenate([truth, truth.repeat(2, axis=0)]), wrong)["score"]  # scored as other prompts
+    assert wrong_score.max() < 0.02  # a wrong shape keeps the floor of the shape term, 0.01
+    for flaw in ("noise", "blur"):
+        flawed = quality(np.stack([degrade(x, rng, flaw) for x in truth]), prompts)["score"]
+        assert flawed.mean() < clean.mean() - 0.5, flaw  # clearly lower than clean...
+        assert flawed.min() > wrong_score.max(), flaw  # ...but above every wrong content
+
+
+def test_quality_is_graded_by_flaw_severity():
+    prompts, truth = quality_setup(WORLD, 48)
+    quality = get_reward("quality")
+    rng = np.random.default_rng(2)
+    noisy = [quality(np.clip(truth + rng.normal(0, s, truth.shape), 0, 255).astype(np.uint8), prompts)["score"].mean()
+             for s in (0, 10, 20, 40, 60)]
+    blurred = [quality(np.stack([np.asarray(Image.fromarray(x).filter(ImageFilter.GaussianBlur(r))) for x in truth]),
+                       prompts)["score"].mean() for r in (0.5, 1.0, 1.5, 2.5)]
+    assert all(a > b + 0.02 for a, b in itertools.pairwise(noisy)), noisy
+    assert noisy[0] > blurred[0] and all(a > b + 0.02 for a, b in itertools.pairwise(blurred)), blurred
+
+
+def test_quality_content_of_other_prompts_is_their_task_reward():
+    prompts = [p for p in sample_prompts(WORLD, np.random.default_rng(5), 60) if not is_single_object(p)][:16]
+    images = render_all(prompts)
+    rng = np.random.default_rng(3)
+    images[::2] = render_all([corrupt_prompt(WORLD, p, rng) for p in prompts[::2]])
+    content = get_reward("quality").content(images, prompts)
+    for reward, task in (("ocr", "text"), ("objects", "objects")):
+        rows = [i for i, p in enumerate(prompts) if p.task == task]
+        expected = get_reward(reward)(images[rows], [prompts[i] for i in rows])["score"]
+        assert np.array_equal(content[rows], expected) and len(set(expected)) > 1
+
+
+def test_quality_shape_fit_is_blur_invariant():
+    """A blurred render still fits its own template (mass and centroid survive blur); blur is the finish's job."""
+    prompts, truth = quality_setup(WORLD, 48)
+    rng = np.random.default_rng(4)
+    blurred = np.stack([degrade(x, rng, "blur") for x in truth])
+    colours = np.array([WORLD.colours.index(p.objects[0].colour) for p in prompts])
+    shapes = np.array([SHAPES.index(p.objects[0].shape) for p in prompts])
+    sharp, soft = (single_object_content(x, WORLD.colours, colours, shapes) for x in (truth, blurred))
+    assert sharp["mismatch"].max() < 0.01 and soft["mismatch"].max() < 0.06 and soft["colour"].min() > 0.95
+    assert sharp["shape"].min() > 0.95 and soft["shape"].min() > 0.3  # blur leaves shapes ambiguous, not wrong

@@ -1,8 +1,14 @@
 """Object reward (GenEval-style): colour segmentation, connected components, shape classification, checks.
 
 Checks per prompt: for every object group, the number of components of its colour and shape equals its count; for a
-relation, the largest components of the two groups stand in that relation (GenEval's centroid rule). score = share of
-checks passed (partial credit), strict = all checks pass.
+relation, the largest components of the two groups stand in that relation (GenEval's centroid rule).
+score = share of checks passed x share of the drawn components that the prompt asks for (partial credit);
+strict = all checks pass and nothing else is drawn.
+
+"Nothing else" is stricter than GenEval, which ignores unrequested objects: without it, one picture of every colour
+and shape passes every single-object prompt, and a policy unsure of a colour can hedge by drawing both. Shapes are
+drawn in square boxes and small, so a component whose box is far from square (a half disc, a bar) or that covers
+much of the canvas (a painted background) is no shape at all.
 """
 
 import numpy as np
@@ -11,6 +17,8 @@ from flowopd.world.grammar import PALETTE, Prompt, WorldConfig
 
 COLOUR_TOLERANCE = 150.0  # max RGB distance from a palette colour for a pixel to belong to it
 MIN_AREA = 6  # components smaller than this (pixels, on a 32 px canvas) are specks, not objects
+MIN_ASPECT = 0.75  # box side ratio below which a component is no shape (renders: >= 0.9)
+MAX_SHARE = 0.3  # share of the canvas above which a component is a background, not an object (renders: <= 0.15)
 POSITION_THRESHOLD = 0.1  # GenEval: offsets within 0.1 x (sum of box sizes) count as no offset
 
 
@@ -49,10 +57,12 @@ def label_components(masks: np.ndarray) -> np.ndarray:
 
 
 def classify_shapes(area, height, width, top_area) -> np.ndarray:
-    """circle / square / triangle from the fill of the bounding box and the mass in its top half."""
+    """circle / square / triangle from the fill of the bounding box and the mass in its top half; "other" when the
+    box is far from square."""
     fill = area / (height * width)
     top_share = top_area / area  # triangle (apex up): ~1/4 of its area lies in the top half; others ~1/2
-    return np.where(top_share < 0.36, "triangle", np.where(fill > 0.88, "square", "circle"))
+    shape = np.where(top_share < 0.36, "triangle", np.where(fill > 0.88, "square", "circle"))
+    return np.where(np.minimum(height, width) / np.maximum(height, width) < MIN_ASPECT, "other", shape)
 
 
 def find_objects(images: np.ndarray, colours: tuple[str, ...]) -> list[list[dict]]:
@@ -68,7 +78,7 @@ def find_objects(images: np.ndarray, colours: tuple[str, ...]) -> list[list[dict
     np.minimum.at(y0, inv, ys), np.maximum.at(y1, inv, ys), np.minimum.at(x0, inv, xs), np.maximum.at(x1, inv, xs)
     height, width = y1 - y0 + 1, x1 - x0 + 1
     top_area = np.bincount(inv, (ys + 0.5) < (y0[inv] + height[inv] / 2), minlength=len(uniq))
-    shapes = classify_shapes(area, height, width, top_area)
+    shapes = np.where(area > MAX_SHARE * h * w, "other", classify_shapes(area, height, width, top_area))
     comp_img, comp_k = np.divmod(uniq // (h * w + 1), len(colours))
     min_area = MIN_AREA * h * w / 1024
     found = [[] for _ in range(n)]
@@ -89,16 +99,18 @@ def relations_between(a: dict, b: dict) -> set[str]:
                             ("below", dy > 0.5)) if ok}
 
 
-def check_prompt(objects: list[dict], prompt: Prompt) -> list[bool]:
-    checks, largest = [], []
+def check_prompt(objects: list[dict], prompt: Prompt) -> tuple[list[bool], int]:
+    """(checks passed or not, number of components the prompt does not ask for: other kinds and extra copies)."""
+    checks, largest, asked = [], [], 0
     for g in prompt.objects:
         matches = [o for o in objects if o["colour"] == g.colour and o["shape"] == g.shape]
         checks.append(len(matches) == g.count)
         largest.append(max(matches, key=lambda o: o["area"]) if matches else None)
+        asked += min(len(matches), g.count)
     if prompt.relation:
         a, b = largest[:2]
         checks.append(a is not None and b is not None and prompt.relation in relations_between(a, b))
-    return checks
+    return checks, len(objects) - asked
 
 
 class ObjectsReward:
@@ -113,7 +125,9 @@ class ObjectsReward:
         if not all(p.objects for p in prompts):
             raise ValueError("the objects reward scores prompts with objects only (objects and quality tasks)")
         found = find_objects(np.asarray(images), self.colours)
-        checks = [check_prompt(objs, p) for objs, p in zip(found, prompts)]
-        score = np.array([np.mean(c) for c in checks], dtype=np.float64)
-        strict = np.array([all(c) for c in checks], dtype=np.float64)
-        return {"score": score, "strict": strict}
+        checks, extras = zip(*(check_prompt(objs, p) for objs, p in zip(found, prompts)))
+        drawn = np.array([len(objs) for objs in found])
+        precision = np.where(drawn > 0, 1 - np.array(extras) / np.maximum(drawn, 1), 1.0)
+        score = np.array([np.mean(c) for c in checks]) * precision
+        strict = np.array([all(c) and e == 0 for c, e in zip(checks, extras)], dtype=np.float64)
+        return {"score": score.astype(np.float64), "strict": strict}

@@ -1,11 +1,14 @@
 """OCR reward: Tesseract reads the sign, scored by Flow-GRPO's rule.
 
-score = 1 - min(edit_distance(read, target), len(target)) / len(target), and 1 when the target is a substring of the
-read text (spaces removed); exact = read text equals the target. One in-process Tesseract instance per process.
+score = 1 - min(edit_distance(read, target), len(target)) / len(target), and (scene reader, Flow-GRPO's rule) 1 when
+the target is a substring of the read text (spaces removed); exact = read text equals the target. One in-process
+Tesseract instance per process.
 
 Two readers:
 - tiny (no settings): the tiny world's 32 px renders, binarised (dark ink), padded, upscaled, one line, the world's
-  alphabet as whitelist; target = the prompt's word.
+  alphabet as whitelist; target = the prompt's word. Scored by edit distance alone: the substring clause paid a
+  sign showing the word twice ("KOKO" for "KO") in full, and this reader reads every ground-truth render exactly,
+  so extra letters are the policy's, not the reader's.
 - scene (settings: the spec's `ocr` mapping, for SD3-scale images): the greyscale image as is (Tesseract binarises
   itself), automatic page segmentation by default, any character unless a whitelist is given; target = the
   prompt's word, else its first double-quoted span (Flow-GRPO's rule `prompt.split('"')[1]` on its
@@ -57,11 +60,17 @@ def edit_distance(a: str, b: str) -> int:
     return row[-1]
 
 
-def flow_grpo_ocr_score(read: str, target: str) -> float:
+def edit_score(read: str, target: str) -> float:
+    """1 - edit distance / target length, clipped at 0; spaces and case ignored."""
     read, target = read.replace(" ", "").lower(), target.replace(" ", "").lower()
-    if target in read:
-        return 1.0
     return 1.0 - min(edit_distance(read, target), len(target)) / len(target)
+
+
+def flow_grpo_ocr_score(read: str, target: str) -> float:
+    """Flow-GRPO's rule: edit_score, or 1 when the target occurs in the read text (spaces and case ignored)."""
+    if target.replace(" ", "").lower() in read.replace(" ", "").lower():
+        return 1.0
+    return edit_score(read, target)
 
 
 def binarise(images: np.ndarray) -> np.ndarray:
@@ -72,6 +81,23 @@ def binarise(images: np.ndarray) -> np.ndarray:
     return np.where(ink, 0, 255).astype(np.uint8)
 
 
+def once_per_picture(read):
+    """read(images (N,...) uint8, *args) -> list of N; wrapped so that identical pictures in a batch are read once
+    (a policy that draws one picture for every prompt; one picture scored against several prompts)."""
+
+    @functools.wraps(read)
+    def wrapped(images: np.ndarray, *args, **kwargs) -> list[str]:
+        images = np.asarray(images)
+        first = {}  # picture bytes -> index of its first occurrence
+        index = [first.setdefault(image.tobytes(), len(first)) for image in images]
+        unique = [images[index.index(k)] for k in range(len(first))]
+        reads = read(np.stack(unique), *args, **kwargs) if unique else []
+        return [reads[k] for k in index]
+
+    return wrapped
+
+
+@once_per_picture
 def read_text(images: np.ndarray, alphabet: str) -> list[str]:
     api = tesseract(alphabet)
     out = []
@@ -99,6 +125,7 @@ def scene_tesseract(page_mode: str, whitelist: str | None):
     return api
 
 
+@once_per_picture
 def read_scene(images: np.ndarray, page_mode: str = "auto", whitelist: str | None = None) -> list[str]:
     """All text Tesseract finds in each (N, H, W, 3) uint8 image, whitespace removed."""
     api = scene_tesseract(page_mode, whitelist)
@@ -145,7 +172,7 @@ class OCRReward:
         if not all(targets):
             raise ValueError("the OCR reward scores text prompts only (prompts with a word)")
         reads = read_text(np.asarray(images), self.alphabet)
-        score = np.array([flow_grpo_ocr_score(r, t) for r, t in zip(reads, targets)], dtype=np.float64)
+        score = np.array([edit_score(r, t) for r, t in zip(reads, targets)], dtype=np.float64)
         exact = np.array([r.replace(" ", "") == t for r, t in zip(reads, targets)], dtype=np.float64)
         return {"score": score, "exact": exact}
 
