@@ -141,3 +141,30 @@ def test_noise_scale_uses_next_sigma_only_at_one():
     s = torch.tensor([1.0, 0.5])
     s_next = torch.tensor([0.8, 0.4])
     torch.testing.assert_close(noise_scale(s, s_next, 1.0), torch.tensor([math.sqrt(1 / 0.2), 1.0]))
+
+
+# ---------------------------------------------------------------- CPS (coefficients-preserving sampler)
+def test_cps_keeps_every_state_at_its_scheduled_noise_level():
+    """With the exact velocity v = n - x0 of a point x_s = (1 - s) x0 + s n, a CPS step lands at
+    (1 - s') x0 + s' n' with n' standard normal: its noise coefficient is exactly s' (sqrt(s'^2 - std^2 + std^2))."""
+    g = torch.Generator().manual_seed(0)
+    x0, n = torch.randn(1, 20000, generator=g), torch.randn(1, 20000, generator=g)
+    s, s_next, eta = 0.7, 0.4, 0.8
+    x = (1 - s) * x0 + s * n
+    x_next, _, mean, std = sde_step(x, n - x0, s, s_next, eta, generator=g, sde="cps")
+    assert std.item() == pytest.approx(s_next * math.sin(eta * math.pi / 2))
+    residual = (x_next - (1 - s_next) * x0) / s_next  # the new noise, standard normal if the level is s'
+    assert residual.mean().abs() < 0.03 and residual.std().item() == pytest.approx(1.0, abs=0.02)
+    # the mean keeps a share sqrt(1 - sin^2) = cos(eta pi / 2) of the old noise direction
+    torch.testing.assert_close(mean, (1 - s_next) * x0 + math.sqrt(s_next**2 - std.item() ** 2) * n)
+
+
+def test_cps_last_step_is_deterministic_and_flow_is_unchanged():
+    x, v, _ = _batch()
+    mean, std = sde_step_mean_std(x, v, 0.2, 0.0, 0.7, sde="cps")
+    assert float(std.abs().max()) == 0.0
+    torch.testing.assert_close(mean, x - 0.2 * v)  # x0^: the sample
+    flow = sde_step_mean_std(x, v, 0.6, 0.45, 0.7)
+    torch.testing.assert_close(sde_step_mean_std(x, v, 0.6, 0.45, 0.7, sde="flow")[0], flow[0])
+    with pytest.raises(ValueError, match="sde must be one of flow, cps"):
+        sde_step_mean_std(x, v, 0.6, 0.45, 0.7, sde="ddim")
