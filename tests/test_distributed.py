@@ -16,13 +16,13 @@ from safetensors.torch import load_file
 
 from flowopd import cold_start, phases
 from flowopd.distributed import Processes, relaunch_if_asked
-from flowopd.grpo import run_teacher
 from flowopd.models.tiny import TinyBundle
 from flowopd.opd import run_opd
 from flowopd.phases import run_data
 from flowopd.pretrain import tiny_model_config
 from flowopd.sampling import sample
 from flowopd.spec import load_spec
+from flowopd.teachers import run_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 MICRO = ROOT / "tests" / "data" / "micro.yaml"
