@@ -28,6 +28,7 @@ Samples routed to "base" are taught by the base model.
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -138,6 +139,28 @@ def velocity_gap(mean_a: Tensor, mean_b: Tensor, sigma, sigma_next, noise_level:
         s, s_next = (v.reshape(-1, *[1] * (mean_a.ndim - 1)) for v in (s, s_next))
     sd = noise_scale(s, s_next, noise_level)
     return (mean_a.float() - mean_b.float()) / ((s_next - s) * (1 + sd**2 * (1 - s) / (2 * s)))
+
+
+def velocity_weight(estimator: str, sigma: float, sigma_next: float, noise_level: float) -> float:
+    """c_t in L_t = c_t mean_d (v_S - v_T)^2: how an estimator weighs the velocity error at step t (the PPO ones:
+    the weight of their expected gradient, E[grad L_t] = grad KL_t). With d = s' - s and
+    c = 1 + sd^2 (1 - s) / (2 s), mu_S - mu_T = d c (v_S - v_T), so
+        KL (analytic_grad, sampled, analytic)   (-d / 2) (c / sd)^2
+        diffusion_opd                           d^2 / 2 on the ODE, d^2 c^2 / (2 sd^2) = (-d) KL's on the SDE
+        velocity_mse                            1 at its queried step (0 at the others)
+    """
+    if estimator == "velocity_mse":
+        return 1.0
+    d = sigma_next - sigma
+    sd = noise_level * math.sqrt(sigma / (1 - (sigma_next if sigma == 1 else sigma)))
+    c = 1 + (sd**2 * (1 - sigma) / (2 * sigma) if noise_level > 0 else 0.0)
+    if estimator == "diffusion_opd":
+        return d**2 / 2 if noise_level == 0 else d**2 * c**2 / (2 * sd**2)
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}")
+    if noise_level <= 0:
+        raise ValueError(f"{estimator}'s KL needs noise_level > 0")
+    return -d / 2 * (c / sd) ** 2
 
 
 def step_loss(estimator: str, log_prob: Tensor | None, old_log_prob: Tensor | None, mean: Tensor,

@@ -129,3 +129,23 @@ def test_two_processes_distil_the_student_of_one(inputs):
            "--out", root / "student_2", *[f"--teacher={name}={folder}" for name, folder in teachers.items()])
     assert_same_weights(root / "student_1", root / "student_2")
     assert json.loads((root / "student_2" / "meta.json").read_text())["processes"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_processes_distil_by_velocity_mse_like_one(inputs, tmp_path):
+    """DanceOPD's one state per rollout: the query steps are drawn for the whole batch, each process keeps its rows."""
+    root, _, spec = inputs
+    if not (root / "teacher_1").exists():
+        run_teacher(spec, "quality", root / "base", root / "data", root / "teacher_1", progress=False)
+    spec_file = tmp_path / "velocity_mse.yaml"
+    opd = OPD | {"estimator": "velocity_mse", "credit": "step", "normalize_advantage": False,
+                 "sampler": {"steps": 3, "noise_level": 0.0}}
+    spec_file.write_text(f"extends: {MICRO}\nopd: {json.dumps(opd)}\n")
+    teachers = {name: root / "base" for name in ("text", "objects")} | {"quality": root / "teacher_1"}
+    run_opd(load_spec(spec_file), root / "base", root / "base", teachers, root / "data", tmp_path / "student_1",
+            progress=False)
+    launch("opd", 2, "--spec", spec_file, "--init", root / "base", "--base", root / "base", "--data", root / "data",
+           "--out", tmp_path / "student_2", *[f"--teacher={name}={folder}" for name, folder in teachers.items()])
+    (tmp_path / "base").symlink_to(root / "base")  # assert_same_weights compares against <parent>/base
+    assert_same_weights(tmp_path / "student_1", tmp_path / "student_2")
