@@ -365,7 +365,7 @@ class OPDTrainer(Trainer):
                     self.mar_weight, variance)
                 loss = per_sample.mean() / (len(steps) * processes.count)  # summed over processes
                 loss.backward()
-                stats["loss"].append(loss.item() * len(steps))
+                stats["loss"].append(loss.item() * len(steps) * processes.count)  # this process's mean
                 stats["policy_loss"].append(terms["policy"].detach().mean().item())
                 if log_prob is not None:
                     stats["approx_kl"].append((0.5 * (log_prob.detach() - traj.log_probs[t]) ** 2).mean().item())
@@ -414,7 +414,7 @@ class OPDTrainer(Trainer):
                 stats["mar_kl"].append(mar.detach().mean().item())
             loss = per_sample.mean() / processes.count  # summed over processes
             loss.backward()
-            stats["loss"].append(loss.item())
+            stats["loss"].append(loss.item() * processes.count)
             stats["policy_loss"].append(policy.detach().mean().item())
             if epoch == 0:
                 kl = None

@@ -3,6 +3,7 @@
 Run: pytest -m distributed    (part of the default run too; each stage launch starts 2 Python processes)
 """
 
+import csv
 import json
 import os
 import subprocess
@@ -105,6 +106,15 @@ def assert_same_weights(one: Path, two: Path):
     assert any(not torch.equal(a[k], base[k]) for k in a if k.startswith("transformer."))  # it did train
 
 
+def assert_same_curves(one: Path, two: Path, keys):
+    """The logged statistics are the whole batch's, however many processes computed them."""
+    rows = [list(csv.DictReader((folder / "curve.csv").read_text().splitlines())) for folder in (one, two)]
+    for a, b in zip(*rows, strict=True):
+        for key in keys:
+            # abs: a PPO loss at ratio 1 is -mean(A), float noise around 0 (~1e-9 here)
+            assert float(b[key]) == pytest.approx(float(a[key]), rel=1e-4, abs=1e-8), (key, a["step"])
+
+
 @pytest.mark.distributed
 def test_two_processes_train_the_teacher_of_one(inputs):
     root, spec_file, spec = inputs
@@ -129,6 +139,7 @@ def test_two_processes_distil_the_student_of_one(inputs):
            "--out", root / "student_2", *[f"--teacher={name}={folder}" for name, folder in teachers.items()])
     assert_same_weights(root / "student_1", root / "student_2")
     assert json.loads((root / "student_2" / "meta.json").read_text())["processes"] == 2
+    assert_same_curves(root / "student_1", root / "student_2", ("reward", "kl", "v_mse", "loss", "mar_kl"))
 
 
 @pytest.mark.slow
@@ -149,3 +160,4 @@ def test_two_processes_distil_by_velocity_mse_like_one(inputs, tmp_path):
            "--out", tmp_path / "student_2", *[f"--teacher={name}={folder}" for name, folder in teachers.items()])
     (tmp_path / "base").symlink_to(root / "base")  # assert_same_weights compares against <parent>/base
     assert_same_weights(tmp_path / "student_1", tmp_path / "student_2")
+    assert_same_curves(tmp_path / "student_1", tmp_path / "student_2", ("reward", "v_mse", "loss", "mar_kl"))
