@@ -18,11 +18,12 @@ import numpy as np
 import torch
 
 from flowopd.data import build_prompt_sets, world_config
-from flowopd.grpo import GRPOTrainer, lora_settings
+from flowopd.grpo import GRPOTrainer
 from flowopd.models.tiny import TinyBundle
 from flowopd.pretrain import tiny_model_config
 from flowopd.rewards import get_reward
 from flowopd.spec import load_spec
+from flowopd.trainer import lora_settings
 
 
 def main():

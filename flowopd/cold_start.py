@@ -27,8 +27,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from flowopd.artifacts import atomic_folder, canonical_hash, now, sha256_file, write_provenance
-from flowopd.grpo import load_bundle
 from flowopd.models.base import Condition
+from flowopd.models.loading import load_bundle, load_teachers, require_teacher_dirs, weights_sha
 from flowopd.phases import cold_start_sub_spec  # the sub-spec the stage is keyed on (flowopd.pipeline)
 from flowopd.router import Router, format_summary, training_prompts
 from flowopd.sampling import sample
@@ -333,42 +333,6 @@ def sft_cold_start(spec, base, teachers: dict, prompts: list, tasks: list[str], 
 
 
 # ---------------------------------------------------------------- the phase
-def load_teachers(names, teacher_dirs: dict, base_dir: Path | None = None, config: dict | None = None) -> dict:
-    """TinyBundles of the named teachers, frozen, in eval mode; "base" is the base model. Checks model configs."""
-    from flowopd.models.tiny import TinyBundle
-
-    if "base" in names and base_dir is None:
-        raise SystemExit("the base model is needed (a route or the MAR anchor): pass --base")
-    require_teacher_dirs(names, teacher_dirs)
-    bundles = {}
-    for name in names:
-        folder = base_dir if name == "base" else teacher_dirs[name]
-        bundle = TinyBundle.load(folder)
-        if config is not None and bundle.config != config:
-            raise SystemExit(f"{name} ({folder}) has another model config than the base")
-        for module in bundle.modules().values():
-            module.requires_grad_(False)
-        bundles[name] = bundle
-    return bundles
-
-
-def require_teacher_dirs(names, teacher_dirs: dict) -> None:
-    """Stop with the command-line fix when a needed teacher's folder was not passed ("base" needs none)."""
-    missing = [name for name in names if name != "base" and name not in teacher_dirs]
-    if missing:
-        raise SystemExit(f"teachers {', '.join(map(repr, missing))} are needed: pass "
-                         + " ".join(f"--teacher {name}=DIR" for name in missing))
-
-
-def weights_sha(folder: Path | None) -> str | None:
-    """sha256 of a model artifact's weights: model.safetensors (tiny) or adapter.safetensors (sd3); None if none."""
-    for name in ("model.safetensors", "adapter.safetensors"):
-        path = None if folder is None else Path(folder) / name
-        if path is not None and path.exists():
-            return sha256_file(path)
-    return None
-
-
 def run_cold_start(spec, base_dir: Path | None, teacher_dirs: dict, data_dir: Path | None, out: Path,
                    progress: bool = True) -> None:
     """Write the student's starting model to `out` atomically (a TinyBundle, curve.csv for sft, provenance)."""

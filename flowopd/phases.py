@@ -128,9 +128,8 @@ def run_base(spec, out: Path, curve_path: Path | None = None, progress: bool = T
 def run_eval(
     spec, model_dir: Path, data_dir: Path, label: str, out: Path, metrics_path: Path | None = None, progress=True
 ) -> None:
-    from flowopd.cold_start import weights_sha
     from flowopd.evaluate import evaluate
-    from flowopd.grpo import load_model
+    from flowopd.models.loading import load_model, weights_sha
 
     started, start = now(), time.time()
     bundle = load_model(spec, model_dir)

@@ -37,13 +37,15 @@ CODE_DEPS = {
     "eval": ["stages/eval.py", "flowopd/phases.py", "flowopd/evaluate.py", "flowopd/exploits.py", "flowopd/data.py",
              "flowopd/sampling.py", "flowopd/sde.py", "flowopd/rewards", "flowopd/models", "flowopd/world"],
 }
-TRAINING_DEPS = ["flowopd/phases.py", "flowopd/grpo.py", "flowopd/training.py", "flowopd/distributed.py", "flowopd/data.py",
-                 "flowopd/sampling.py", "flowopd/sde.py", "flowopd/rewards", "flowopd/models", "flowopd/world"]
+TRAINING_DEPS = ["flowopd/phases.py", "flowopd/trainer.py", "flowopd/training.py", "flowopd/rollout.py",
+                 "flowopd/distributed.py", "flowopd/data.py", "flowopd/sampling.py", "flowopd/sde.py", "flowopd/rewards",
+                 "flowopd/models", "flowopd/world"]
 CODE_DEPS |= {
-    "teacher": ["stages/teacher.py", *TRAINING_DEPS],
-    "baseline": ["stages/baseline.py", *TRAINING_DEPS],
+    "teacher": ["stages/teacher.py", "flowopd/teachers.py", "flowopd/grpo.py", *TRAINING_DEPS],
+    "baseline": ["stages/baseline.py", "flowopd/teachers.py", "flowopd/grpo.py", *TRAINING_DEPS],
     "cold_start": ["stages/cold_start.py", "flowopd/cold_start.py", "flowopd/router.py", *TRAINING_DEPS],
-    "opd": ["stages/opd.py", "flowopd/opd.py", "flowopd/cold_start.py", "flowopd/router.py", *TRAINING_DEPS],
+    "opd": ["stages/opd.py", "flowopd/opd.py", "flowopd/grpo.py", "flowopd/cold_start.py", "flowopd/router.py",
+            *TRAINING_DEPS],
 }
 LEDGER_DEPS = ["stages/ledger.py", "flowopd/ledger.py", "flowopd/artifacts.py"]
 REPORT_DEPS = ["stages/report.py", "flowopd/report.py", "flowopd/tables.py", "flowopd/bootstrap.py", "flowopd/claims.py",

@@ -521,16 +521,41 @@ class NoColdStart(Section):
 ColdStart = Annotated[MergeColdStart | SFTColdStart | NoColdStart, Field(discriminator="method")]
 
 
-class OPDSettings(Section):
-    """Multi-teacher on-policy distillation: per-step reverse-KL rewards from the routed teacher."""
+class QuerySettings(Section):
+    """Where velocity_mse queries the routed teacher: one state per rollout, its sampler step drawn per sample."""
 
-    estimator: Literal["sampled", "analytic", "analytic_grad"] = "sampled"
-    """sampled: log p_teacher - log p_student at the student's x'; analytic: -KL in closed form (detached);
-    analytic_grad: -KL in closed form, differentiated (GKD-style)."""
+    steps: tuple[NonNegInt, NonNegInt] | None = None
+    """[first, last] sampler steps to draw from (inclusive; 0 is pure noise, steps - 1 the last state before the
+    sample); null: the low-noise half [steps // 2, steps - 1] (DiffusionOPSD's DanceOPD run)."""
+    draw: Literal["uniform", "beta"] = "uniform"
+    """uniform over the range, or beta: u ~ Beta(5, 2) mapped onto it, biased to its low-noise end (DanceOPD's
+    default over the whole trajectory)."""
+
+    @field_validator("steps")
+    @classmethod
+    def _ordered(cls, value):
+        if value is not None and value[0] > value[1]:
+            raise ValueError(f"first step {value[0]} is after last step {value[1]}")
+        return value
+
+
+class OPDSettings(Section):
+    """Multi-teacher on-policy distillation: the routed teacher's step at the student's own states."""
+
+    estimator: Literal["sampled", "analytic", "analytic_grad", "diffusion_opd", "velocity_mse"] = "sampled"
+    """How the per-step distance to the teacher trains the student (flowopd/opd.py, README "estimators"). PPO on a
+    per-step reward: sampled (log p_teacher - log p_student at the student's x'), analytic (-KL in closed form,
+    detached). Differentiated: analytic_grad (the closed-form step KL, GKD-style: DiffusionOPD's objective on SDE
+    rollouts), diffusion_opd (DiffusionOPD's code: ||mu_S - mu_T||^2 / 2 on ODE rollouts, / (2 a^2 s / (1 - s)) on
+    the SDE), velocity_mse (DanceOPD: ||v_S - v_T||^2 at one low-noise state per rollout, see `query`). The first
+    three need the SDE sampler (noise_level > 0); the last two also take the ODE (noise_level 0)."""
     credit: Literal["step", "element"] = "step"
     """step: one reward per sample and trained step, advantage of the step's log-prob (the paper's); element: each
     latent element's log-ratio is the advantage of that element's log-prob (per-token OPD with the elements as
-    tokens): the same expected gradient without the other elements' noise. analytic_grad has no reward to credit."""
+    tokens): the same expected gradient without the other elements' noise. Only sampled and analytic have a reward
+    to credit."""
+    query: QuerySettings | None = None
+    """velocity_mse only: which state of each rollout is queried; null: QuerySettings' defaults."""
     reward_to_go: Bool = False
     normalize_advantage: Bool = False
     clip_eps: PositiveFloat = 1e-4
@@ -553,6 +578,32 @@ class OPDSettings(Section):
             raise ValueError("reward_to_go sums whole steps' rewards: it needs credit: step (credit: element "
                              "rewards each element with its own log-ratio)")
         return self
+
+    @model_validator(mode="after")
+    def _flow_sde_only(self):
+        if self.sampler.sde != "flow" or self.sampler.sde_window is not None:
+            raise ValueError("OPD's step rewards and KLs are written for the flow SDE on every step: sampler.sde "
+                             "must be flow and sampler.sde_window unset (cps and windows are teacher options)")
+        return self
+
+    @model_validator(mode="after")
+    def _estimator_fits_the_sampler(self):
+        if self.estimator in ("sampled", "analytic", "analytic_grad") and self.sampler.noise_level == 0:
+            raise ValueError(f"estimator {self.estimator} needs the SDE sampler (sampler.noise_level > 0) for its "
+                             "Gaussian steps; on the ODE use diffusion_opd or velocity_mse")
+        if self.query is not None:
+            if self.estimator != "velocity_mse":
+                raise ValueError(f"query applies to estimator velocity_mse, not {self.estimator}")
+            if self.query.steps is not None and self.query.steps[1] >= self.sampler.steps:
+                raise ValueError(f"query.steps {list(self.query.steps)} reaches past the sampler's last step "
+                                 f"{self.sampler.steps - 1}")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_absent_query(self, handler):
+        """An unset query is left out of the dump, so specs written before it existed keep their hash."""
+        data = handler(self)
+        return {k: v for k, v in data.items() if not (k == "query" and v is None)}
 
 
 class MARSettings(Section):

@@ -1,4 +1,4 @@
-"""Pieces every RL phase shares (GRPO now, on-policy distillation next).
+"""Pieces every trainer shares (GRPO, on-policy distillation, the SFT cold start; the loop is flowopd.trainer).
 
 - the policy: which weights train (all of the transformer, or a peft LoRA adapter), and the frozen reference
   (the adapter switched off, or a frozen copy of the starting transformer);
@@ -27,6 +27,9 @@ from flowopd.sde import gaussian_log_prob, sde_step_mean_std
 ADAPTER = "policy"  # name of the trained LoRA adapter
 ADAM_WEIGHT_DECAY = 1e-4  # Flow-GRPO's AdamW setting
 CHECKPOINT_FILE = "state.pt"
+# Random streams, one registry so no two draws share one: step k's draws of stream s come from (seed, s, k).
+PROMPT_STREAM, NOISE_STREAM, TIMESTEP_STREAM = 1, 2, 3  # which prompts, the sampler's noise, which steps train
+# (flowopd.cold_start's SFT draws from 11 and 12)
 
 
 # ---------------------------------------------------------------- seeded per-step randomness

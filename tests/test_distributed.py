@@ -3,6 +3,7 @@
 Run: pytest -m distributed    (part of the default run too; each stage launch starts 2 Python processes)
 """
 
+import csv
 import json
 import os
 import subprocess
@@ -16,13 +17,13 @@ from safetensors.torch import load_file
 
 from flowopd import cold_start, phases
 from flowopd.distributed import Processes, relaunch_if_asked
-from flowopd.grpo import run_teacher
 from flowopd.models.tiny import TinyBundle
 from flowopd.opd import run_opd
 from flowopd.phases import run_data
 from flowopd.pretrain import tiny_model_config
 from flowopd.sampling import sample
 from flowopd.spec import load_spec
+from flowopd.teachers import run_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 MICRO = ROOT / "tests" / "data" / "micro.yaml"
@@ -105,6 +106,15 @@ def assert_same_weights(one: Path, two: Path):
     assert any(not torch.equal(a[k], base[k]) for k in a if k.startswith("transformer."))  # it did train
 
 
+def assert_same_curves(one: Path, two: Path, keys):
+    """The logged statistics are the whole batch's, however many processes computed them."""
+    rows = [list(csv.DictReader((folder / "curve.csv").read_text().splitlines())) for folder in (one, two)]
+    for a, b in zip(*rows, strict=True):
+        for key in keys:
+            # abs: a PPO loss at ratio 1 is -mean(A), float noise around 0 (~1e-9 here)
+            assert float(b[key]) == pytest.approx(float(a[key]), rel=1e-4, abs=1e-8), (key, a["step"])
+
+
 @pytest.mark.distributed
 def test_two_processes_train_the_teacher_of_one(inputs):
     root, spec_file, spec = inputs
@@ -129,3 +139,25 @@ def test_two_processes_distil_the_student_of_one(inputs):
            "--out", root / "student_2", *[f"--teacher={name}={folder}" for name, folder in teachers.items()])
     assert_same_weights(root / "student_1", root / "student_2")
     assert json.loads((root / "student_2" / "meta.json").read_text())["processes"] == 2
+    assert_same_curves(root / "student_1", root / "student_2", ("reward", "kl", "v_mse", "loss", "mar_kl"))
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_processes_distil_by_velocity_mse_like_one(inputs, tmp_path):
+    """DanceOPD's one state per rollout: the query steps are drawn for the whole batch, each process keeps its rows."""
+    root, _, spec = inputs
+    if not (root / "teacher_1").exists():
+        run_teacher(spec, "quality", root / "base", root / "data", root / "teacher_1", progress=False)
+    spec_file = tmp_path / "velocity_mse.yaml"
+    opd = OPD | {"estimator": "velocity_mse", "credit": "step", "normalize_advantage": False,
+                 "sampler": {"steps": 3, "noise_level": 0.0}}
+    spec_file.write_text(f"extends: {MICRO}\nopd: {json.dumps(opd)}\n")
+    teachers = {name: root / "base" for name in ("text", "objects")} | {"quality": root / "teacher_1"}
+    run_opd(load_spec(spec_file), root / "base", root / "base", teachers, root / "data", tmp_path / "student_1",
+            progress=False)
+    launch("opd", 2, "--spec", spec_file, "--init", root / "base", "--base", root / "base", "--data", root / "data",
+           "--out", tmp_path / "student_2", *[f"--teacher={name}={folder}" for name, folder in teachers.items()])
+    (tmp_path / "base").symlink_to(root / "base")  # assert_same_weights compares against <parent>/base
+    assert_same_weights(tmp_path / "student_1", tmp_path / "student_2")
+    assert_same_curves(tmp_path / "student_1", tmp_path / "student_2", ("reward", "v_mse", "loss", "mar_kl"))

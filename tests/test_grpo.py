@@ -13,20 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from flowopd.grpo import (
-    GRPOTrainer,
-    group_advantages,
-    mixed_advantages,
-    ppo_clip_loss,
-    run_baseline,
-    run_teacher,
-    teacher_sub_spec,
-    train,
-    trained_steps,
-)
+from flowopd.grpo import GRPOTrainer, ppo_clip_loss
 from flowopd.models.tiny import TinyBundle
-from flowopd.phases import run_data
+from flowopd.phases import run_data, teacher_sub_spec
 from flowopd.pretrain import tiny_model_config
+from flowopd.rollout import group_advantages, mixed_advantages, trained_steps
 from flowopd.sampling import sample
 from flowopd.sde import kl_from_velocities, step_kl
 from flowopd.spec import (
@@ -39,6 +30,8 @@ from flowopd.spec import (
     resolve_raw,
     validate_spec,
 )
+from flowopd.teachers import run_baseline, run_teacher
+from flowopd.trainer import train
 from flowopd.training import Checkpoints, step_log_prob
 from flowopd.world import make_prompt_set
 from flowopd.world.grammar import WorldConfig

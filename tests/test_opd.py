@@ -9,36 +9,42 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from flowopd.grpo import train
 from flowopd.models.tiny import TinyBundle
 from flowopd.opd import (
     OPDTrainer,
+    diffusion_opd_variance,
     opd_sub_spec,
+    query_steps,
     run_opd,
     stage_main,
     step_advantages,
     step_loss,
     step_rewards,
+    velocity_mse,
+    velocity_weight,
 )
 from flowopd.phases import run_data
 from flowopd.pretrain import tiny_model_config
-from flowopd.sde import gaussian_log_prob, step_kl
+from flowopd.sde import gaussian_log_prob, sde_step_mean_std, sigma_schedule, step_kl
 from flowopd.spec import (
     EmaSettings,
     OPDSettings,
+    QuerySettings,
     SamplerSettings,
     deep_merge,
     load_spec,
     resolve_raw,
     validate_spec,
 )
-from flowopd.training import Checkpoints, step_log_prob
+from flowopd.trainer import train
+from flowopd.training import TIMESTEP_STREAM, Checkpoints, step_log_prob, step_rng
 from flowopd.world import make_prompt_set
 from flowopd.world.grammar import WorldConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 MICRO = ROOT / "tests" / "data" / "micro.yaml"
 SAMPLER = SamplerSettings(steps=3, shift=3.0, noise_level=0.7, cfg=3.0)
+ODE = SamplerSettings(steps=3, shift=3.0, noise_level=0.0, cfg=3.0)
 MICRO_OPD = {"group_size": 2, "prompts_per_step": 2, "steps": 2, "checkpoint_every": 1, "sampler": {"steps": 3},
              "ema": {"decay": 0.9, "every": 1}}
 
@@ -132,6 +138,68 @@ def test_analytic_grad_loss_is_the_step_kl_and_mar_adds_weight_times_kl():
         step_rewards("analytic_grad", mean, mean, teacher, std)
 
 
+# ---------------------------------------------------------------- DiffusionOPD's and DanceOPD's objectives
+@pytest.mark.parametrize(("estimator", "noise_level"), [("analytic_grad", 0.7), ("diffusion_opd", 0.0),
+                                                        ("diffusion_opd", 0.7), ("velocity_mse", 0.0)])
+def test_each_estimator_weighs_the_velocity_error_as_documented(estimator, noise_level):
+    """L_t = velocity_weight(t) * mean_d (v_S - v_T)^2 at every trainable step of the tiny spec's grid, with the
+    trainer's own loss functions; diffusion_opd on the SDE is the step KL times (s - s')."""
+    generator = torch.Generator().manual_seed(3)
+    x, v_student, v_teacher = (torch.randn(4, 3, 4, 4, generator=generator) for _ in range(3))
+    sigmas = sigma_schedule(10, 3.0).tolist()
+    error = velocity_mse(v_student, v_teacher)
+    for t in range(9):
+        s, s_next = sigmas[t], sigmas[t + 1]
+        if estimator == "velocity_mse":
+            loss = error
+        else:
+            mean, std = sde_step_mean_std(x, v_student, s, s_next, noise_level)
+            mean_teacher, _ = sde_step_mean_std(x, v_teacher, s, s_next, noise_level)
+            loss, terms = step_loss(estimator, None, None, mean, mean_teacher, std, None, 1e-4,
+                                    variance=diffusion_opd_variance(s, s_next, noise_level))
+            assert terms["ratio"] is None
+            if estimator == "diffusion_opd" and noise_level > 0:
+                torch.testing.assert_close(loss, (s - s_next) * step_kl(mean, mean_teacher, std))
+        torch.testing.assert_close(loss, velocity_weight(estimator, s, s_next, noise_level) * error, rtol=1e-4,
+                                   atol=0)
+    with pytest.raises(ValueError, match="needs the variance"):
+        step_loss("diffusion_opd", None, None, x, x, 1.0, None, 1e-4)
+
+
+@pytest.mark.parametrize("draw", ["uniform", "beta"])
+def test_velocity_mse_queries_its_range_as_drawn_and_its_expected_gradient_averages_the_steps(draw):
+    """DanceOPD's one state per rollout: the draws follow the query distribution (uniform, or Beta(5, 2) over the
+    range, CDF 6u^5 - 5u^6), so E[grad] over rollouts = sum_t p_t grad mse_t (a toy linear student per step)."""
+    n, steps, (lo, hi) = 200_000, 10, (3, 9)
+    q = query_steps(np.random.default_rng(0), n, steps, QuerySettings(steps=(lo, hi), draw=draw))
+    assert q.min() >= lo and q.max() <= hi
+    width = hi - lo + 1
+    edges = np.arange(width + 1) / width
+    expected = np.full(width, 1 / width) if draw == "uniform" else np.diff(6 * edges**5 - 5 * edges**6)
+    frequencies = np.bincount(q - lo, minlength=width) / n
+    np.testing.assert_allclose(frequencies, expected, atol=0.005)
+    torch.manual_seed(0)
+    dim, params = 6, 3
+    slopes, targets = torch.randn(steps, dim, params), torch.randn(steps, dim)
+    theta = torch.randn(params, requires_grad=True)
+    index = torch.as_tensor(q)
+    loss = velocity_mse(slopes[index] @ theta, targets[index]).mean()
+    (empirical,) = torch.autograd.grad(loss, theta)
+    weights = torch.zeros(steps, dtype=torch.float64)
+    weights[lo:hi + 1] = torch.as_tensor(expected)
+    exact = sum(w * torch.autograd.grad(velocity_mse(slopes[t] @ theta, targets[t]).sum(), theta)[0]
+                for t, w in enumerate(weights.float()) if w > 0)
+    assert torch.nn.functional.cosine_similarity(empirical, exact, dim=0) > 0.999
+    assert empirical.norm() == pytest.approx(exact.norm().item(), rel=0.02)
+
+
+def test_the_query_range_defaults_to_the_low_noise_half_and_is_checked():
+    q = query_steps(np.random.default_rng(1), 10_000, 10)
+    assert set(q.tolist()) == {5, 6, 7, 8, 9}
+    with pytest.raises(ValueError, match=r"not within the sampler's steps 0 .. 2"):
+        query_steps(np.random.default_rng(1), 4, 3, QuerySettings(steps=(1, 3)))
+
+
 def test_reward_to_go_and_normalised_advantages_by_hand():
     rewards = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
     assert torch.equal(step_advantages(rewards), rewards)
@@ -185,22 +253,26 @@ def make_trainer(spec, states, pool, anchor=None, mar_weight=0.0, teachers=None,
                       mar_weight, seed=0)
 
 
-@pytest.mark.parametrize(("estimator", "credit"), [("sampled", "step"), ("analytic", "step"),
-                                                  ("analytic_grad", "step"), ("sampled", "element")])
-def test_two_steps_train_and_log_finite_rows(spec, states, pool, estimator, credit):
+@pytest.mark.parametrize(("estimator", "credit", "sampler"), [
+    ("sampled", "step", SAMPLER), ("analytic", "step", SAMPLER), ("analytic_grad", "step", SAMPLER),
+    ("sampled", "element", SAMPLER), ("diffusion_opd", "step", ODE), ("diffusion_opd", "step", SAMPLER),
+    ("velocity_mse", "step", ODE), ("velocity_mse", "step", SAMPLER)])
+def test_two_steps_train_and_log_finite_rows(spec, states, pool, estimator, credit, sampler):
     trainer = make_trainer(spec, states, pool, estimator=estimator, reward_to_go=estimator == "analytic",
-                           credit=credit)
+                           credit=credit, sampler=sampler)
     before = [p.detach().clone() for p in trainer.params]
     curve = train(trainer, 2, progress=False)
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.params))
+    sde = sampler.noise_level > 0
     for row in curve:
-        assert {"reward", "kl", "kl_text", "kl_quality", "mar_kl", "loss", "clip_frac", "grad_norm", "kept_groups",
+        assert {"reward", "kl", "kl_text", "kl_quality", "v_mse", "mar_kl", "loss", "clip_frac", "grad_norm",
                 "rollout_s", "teacher_s", "train_s"} <= set(row)
-        assert row["kl"] > 0 and row["mar_kl"] is None and row["kept_groups"] is None
-        assert all(np.isfinite(row[k]) for k in ("reward", "kl", "loss", "grad_norm"))
-        assert (row["clip_frac"] is None) == (estimator == "analytic_grad")
-    if estimator == "analytic_grad":
-        assert curve[0]["reward"] == -curve[0]["kl"]
+        assert row["v_mse"] > 0 and row["mar_kl"] is None
+        assert (row["kl"] is not None and row["kl"] > 0) == sde  # no Gaussian steps on the ODE
+        assert all(np.isfinite(row[k]) for k in ("reward", "v_mse", "loss", "grad_norm"))
+        assert (row["clip_frac"] is None) == (estimator not in ("sampled", "analytic"))
+    if estimator in ("analytic_grad", "diffusion_opd", "velocity_mse"):  # minus the divergence it differentiates
+        assert curve[0]["reward"] == -(curve[0]["kl"] if estimator == "analytic_grad" else curve[0]["policy_loss"])
 
 
 @pytest.mark.parametrize("credit", ["step", "element"])
@@ -218,6 +290,64 @@ def test_a_teacher_equal_to_the_student_gives_zero_reward_and_kl(spec, states, p
     assert rewards.abs().max() < 1e-3  # nats; log p_teacher = log p_student at every x'
     row = trainer.step(0)
     assert row["kl"] == pytest.approx(0.0, abs=1e-10) and abs(row["reward"]) < 1e-6
+
+
+@pytest.mark.parametrize(("estimator", "sampler"), [("diffusion_opd", ODE), ("velocity_mse", ODE),
+                                                    ("velocity_mse", SAMPLER)])
+def test_a_teacher_equal_to_the_student_gives_zero_loss(spec, states, pool, estimator, sampler):
+    student_copy = bundle_of(spec, states["base"])
+    trainer = make_trainer(spec, states, pool, teachers={"text": student_copy, "quality": student_copy},
+                           estimator=estimator, sampler=sampler)
+    row = trainer.step(0)
+    assert row["loss"] == row["v_mse"] == row["reward"] == 0.0 and row["grad_norm"] == 0.0
+    assert (row["kl"] == 0.0) if sampler.noise_level > 0 else row["kl"] is None
+
+
+def assert_applied(trainer, expected, rtol, atol):
+    """The update's gradients (left in .grad, grad_clip None) are `expected`, and not all zero."""
+    pairs = [(p.grad, g) for p, g in zip(trainer.params, expected) if g is not None]
+    assert pairs and sum(g.abs().sum() for _, g in pairs) > 0
+    for a, b in pairs:
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+
+
+def routed_velocities(trainer, rollout, x, sigma):
+    """The routed teachers' velocities at x, one forward per sample (sigma: one per row)."""
+    return torch.cat([trainer.teachers[trainer.teacher_names[k]](x[i:i + 1], sigma[i:i + 1], rollout.cond.index([i]),
+                                                                3.0) for i, k in enumerate(rollout.tasks)])
+
+
+def test_diffusion_opd_update_applies_the_gradient_of_the_transition_mean_gap(spec, states, pool):
+    """On the ODE: mean over steps and samples of 0.5 mean_d (mu_S - mu_T)^2, mu = x + (s' - s) v."""
+    trainer = make_trainer(spec, states, pool, estimator="diffusion_opd", sampler=ODE, grad_clip=None)
+    rollout = trainer.rollout(0)
+    traj = rollout.trajectory
+    assert traj.log_probs is None  # an ODE rollout
+    losses = []
+    for t in range(2):
+        x, s, s_next = traj.latents[t], traj.sigmas[t].expand(len(rollout.tasks)), traj.sigmas[t + 1].item()
+        gap = (s_next - s[0]) * (trainer.bundle.velocity(x, s, rollout.cond, cfg=3.0)
+                                 - routed_velocities(trainer, rollout, x, s))
+        losses.append((0.5 * gap**2).mean())
+    expected = torch.autograd.grad(torch.stack(losses).mean(), trainer.params, allow_unused=True)
+    trainer.update(rollout, 0)
+    assert_applied(trainer, expected, rtol=1e-3, atol=1e-8)  # the expectation's teacher forwards are per sample
+
+
+def test_velocity_mse_update_applies_the_gradient_at_each_rollouts_drawn_state(spec, states, pool):
+    """DanceOPD: one state x_q per rollout, q drawn (seeded by the step) from the low-noise half, plain MSE."""
+    trainer = make_trainer(spec, states, pool, estimator="velocity_mse", sampler=ODE, grad_clip=None)
+    rollout = trainer.rollout(0)
+    traj, batch = rollout.trajectory, len(rollout.tasks)
+    q = torch.as_tensor(query_steps(step_rng(0, TIMESTEP_STREAM, 0), batch, 3))
+    assert set(q.tolist()) <= {1, 2}
+    x, sigma = traj.latents[q, torch.arange(batch)], traj.sigmas[q]
+    v_student = trainer.bundle.velocity(x, sigma, rollout.cond, cfg=3.0)
+    loss = ((v_student - routed_velocities(trainer, rollout, x, sigma)) ** 2).mean()
+    expected = torch.autograd.grad(loss, trainer.params, allow_unused=True)
+    row = trainer.query_update(rollout, 0)
+    assert row["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    assert_applied(trainer, expected, rtol=1e-3, atol=1e-8)  # the expectation's teacher forwards are per sample
 
 
 def test_analytic_grad_update_applies_the_gradient_of_the_step_kl(spec, states, pool):
@@ -238,10 +368,7 @@ def test_analytic_grad_update_applies_the_gradient_of_the_step_kl(spec, states, 
         losses.append(step_kl(mean, teacher_mean, std).mean())
     expected = torch.autograd.grad(torch.stack(losses).mean(), trainer.params, allow_unused=True)
     trainer.update(rollout, 0)
-    pairs = [(p.grad, g) for p, g in zip(trainer.params, expected) if g is not None]
-    assert pairs and sum(g.abs().sum() for _, g in pairs) > 0
-    for a, b in pairs:
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-9)
+    assert_applied(trainer, expected, rtol=1e-4, atol=1e-9)
 
 
 def test_mar_adds_exactly_weight_times_its_kl_and_reuses_the_anchor_teacher(spec, states, pool):
@@ -275,9 +402,11 @@ class Interrupt(Exception):
     pass
 
 
-def test_interrupted_run_resumes_bit_identically(tmp_path, spec, states, pool):
+@pytest.mark.parametrize("estimator", ["sampled", "velocity_mse"])
+def test_interrupted_run_resumes_bit_identically(tmp_path, spec, states, pool, estimator):
     def run(checkpoints, stop_after=None):
-        trainer = make_trainer(spec, states, pool, anchor=bundle_of(spec, states["quality"]), mar_weight=0.1)
+        trainer = make_trainer(spec, states, pool, anchor=bundle_of(spec, states["quality"]), mar_weight=0.1,
+                               estimator=estimator)
 
         def on_step(step):
             if step == stop_after:
@@ -311,8 +440,10 @@ def micro_spec(**sections):
     return validate_spec(deep_merge(resolve_raw(MICRO), {"opd": MICRO_OPD, **sections}))
 
 
-def test_run_opd_writes_the_student_and_its_curve(phase_inputs):
-    root, spec = phase_inputs, micro_spec()
+@pytest.mark.parametrize("opd", [{}, {"estimator": "velocity_mse", "sampler": {"steps": 3, "noise_level": 0.0}}],
+                         ids=["sampled", "velocity_mse"])
+def test_run_opd_writes_the_student_and_its_curve(phase_inputs, opd):
+    root, spec = phase_inputs, micro_spec(opd=MICRO_OPD | opd)
     dirs = {name: root / name for name in ("text", "objects", "quality")}
     run_opd(spec, root / "base", root / "base", dirs, root / "data", root / "student", root / "curve.csv",
             progress=False)
@@ -321,10 +452,12 @@ def test_run_opd_writes_the_student_and_its_curve(phase_inputs):
                                                "spec.json"}
     assert not (root / "student.ckpt").exists()
     header = (out / "curve.csv").read_text().splitlines()[0].split(",")
-    assert header[:3] == ["step", "reward", "kl"] and {"kl_objects", "kl_quality", "kl_text", "mar_kl"} <= set(header)
+    assert header[:3] == ["step", "reward", "kl"]
+    assert {"kl_objects", "kl_quality", "kl_text", "v_mse", "mar_kl"} <= set(header)
     assert (root / "curve.csv").read_text() == (out / "curve.csv").read_text()
     meta = json.loads((out / "meta.json").read_text())
     assert meta["phase"] == "opd" and meta["routing"] == {"objects": 8, "quality": 8, "text": 8}
+    assert meta["estimator"] == spec.opd.estimator
     assert meta["anchor"] == "quality" and set(meta["teachers"]) == {"objects", "quality", "text"}
     assert json.loads((out / "spec.json").read_text()) == opd_sub_spec(spec)
     trained, base = load_file(out / "model.safetensors"), load_file(root / "base" / "model.safetensors")

@@ -14,6 +14,7 @@ import yaml
 from pydantic import ValidationError
 
 from flowopd.spec import (
+    OPDSettings,
     SpecError,
     extends_chain,
     json_schema,
@@ -167,6 +168,17 @@ def test_minimal_spec_fills_defaults():
     ("cold_start.weights.text", math.inf, "cold_start.weights.text: Input should be a finite number"),
     ("teachers.text.grpo", {"sampler": {"shift": -math.inf}},
      "teachers.text.grpo.sampler.shift: Input should be a finite number"),
+    ("opd", {"estimator": "sampled", "sampler": {"noise_level": 0.0}},
+     "opd: estimator sampled needs the SDE sampler (sampler.noise_level > 0)"),
+    ("opd", {"estimator": "analytic_grad", "query": {"steps": [5, 9]}},
+     "opd: query applies to estimator velocity_mse, not analytic_grad"),
+    ("opd", {"estimator": "velocity_mse", "query": {"steps": [5, 10]}},
+     "opd: query.steps [5, 10] reaches past the sampler's last step 9"),
+    ("opd", {"estimator": "velocity_mse", "query": {"steps": [6, 5]}},
+     "opd.query.steps: first step 6 is after last step 5"),
+    ("opd", {"estimator": "velocity_mse", "query": {"draw": "normal"}},
+     "opd.query.draw: Input should be 'uniform' or 'beta'"),
+    ("opd.estimator", "dance", "opd.estimator: Input should be"),
 ])
 def test_check_names_field_and_problem(dotted, value, expected):
     found = problems(edited(minimal(), dotted, value))
@@ -182,6 +194,8 @@ def test_check_names_field_and_problem(dotted, value, expected):
     ("cold_start.weights", {"text": 0.0, "objects": 2.0}),
     ("baseline", {"weights": {"objects": 1.0}}),
     ("base.lr", 1),  # an int where a float goes
+    ("opd", {"estimator": "diffusion_opd", "sampler": {"noise_level": 0.0}}),
+    ("opd", {"estimator": "velocity_mse", "sampler": {"noise_level": 0.0}, "query": {"steps": [0, 9], "draw": "beta"}}),
 ])
 def test_valid_variants_pass(dotted, value):
     validate_spec(edited(minimal(), dotted, value))
@@ -405,3 +419,10 @@ def test_spec_cli_imports_nothing_heavy():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                             check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_an_unset_opd_query_is_left_out_of_the_hash():
+    """Specs written before `opd.query` existed keep their hash (and their stage keys)."""
+    assert "query" not in OPDSettings().model_dump(mode="json")
+    queried = OPDSettings(estimator="velocity_mse", sampler={"noise_level": 0.0}, query={"steps": [5, 9]})
+    assert queried.model_dump(mode="json")["query"] == {"steps": [5, 9], "draw": "uniform"}
