@@ -35,7 +35,7 @@ def main():
     args = parser.parse_args()
     spec = load_spec(args.spec)
     teacher = spec.teachers[args.teacher]
-    settings, sampler = teacher.grpo, teacher.grpo.sampler
+    settings, sampler = teacher.method, teacher.method.sampler
     if args.base is not None:
         bundle = TinyBundle.load(args.base)
     else:

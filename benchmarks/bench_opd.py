@@ -47,7 +47,7 @@ def main():
     opd = spec.opd
     shared = {k: getattr(opd, k) for k in ("group_size", "prompts_per_step", "lr", "timestep_fraction", "inner_epochs",
                                           "grad_clip", "cfg_train", "sampler", "ema", "clip_eps")}
-    grpo = spec.teachers["quality"].grpo.model_copy(update=shared)
+    grpo = spec.teachers["quality"].method.model_copy(update=shared)
     sets = build_prompt_sets(spec)
     prompts = [p for task in spec.tasks for p in sets[task]["train"]]
     routes = Router.from_spec(spec).route_all(prompts)

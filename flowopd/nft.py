@@ -29,17 +29,18 @@ prompts use, does not move); `false` trains the conditional velocity alone on sa
 from __future__ import annotations
 
 import copy
+import time
 from collections import defaultdict
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from flowopd.grpo import GRPOTrainer, group_advantages
+from flowopd.distributed import Processes
+from flowopd.rollout import RewardRollouts, group_advantages
 from flowopd.sde import sigma_schedule
-from flowopd.training import step_generator
-
-TRAIN_NOISE_STREAM = 4  # noise levels and noise of the flow-matching targets (grpo uses streams 1-3)
+from flowopd.trainer import Trainer
+from flowopd.training import TIMESTEP_STREAM, FrozenReference, step_generator
 
 X0_WEIGHT_MIN = 1e-5
 
@@ -74,79 +75,90 @@ def nft_loss(x_t: Tensor, t: Tensor, x0: Tensor, v: Tensor, v_old: Tensor, r: Te
 
 
 # ---------------------------------------------------------------- the trainer
-class NFTTrainer(GRPOTrainer):
-    needs_log_probs = False
+class NFTTrainer(RewardRollouts, Trainer):
+    """DiffusionNFT on a bundle; `step(k)` runs rollout, rewards and update, then moves the old policy.
 
-    """DiffusionNFT on a bundle; `step(k)` runs rollout, rewards, update, the old policy's and the saved EMA.
-
-    The same constructor, prompts, rewards, rollout streams, processes and checkpoints as GRPOTrainer (driven by
-    grpo.train()); settings are an NFTMethod. The rollout samples the old policy (a frozen copy of the
-    transformer moved towards the trained one by EMA after every step) with the method's sampler.
+    The constructor, prompt pool, rewards, rollout streams and processes are GRPOTrainer's; settings are the
+    spec's NFTMethod. The rollouts sample the old policy (OldPolicy) with the method's sampler; the flow-matching
+    noise levels and noise of step k come from the TIMESTEP_STREAM, drawn for the whole batch, so several processes
+    train their rows exactly as one process trains all of them.
     """
 
+    progress_keys = ("reward", "loss", "kept_groups")
+
     def __init__(self, bundle, settings, prompts, prompt_tasks, rewards, reward_names, weights, *,
-                 advantage: str = "joint", seed: int = 0, lora=None, kept_rows_only: bool = False,
-                 processes=None):
-        super().__init__(bundle, settings, prompts, prompt_tasks, rewards, reward_names, weights,
-                         advantage=advantage, seed=seed, lora=lora, kept_rows_only=kept_rows_only,
-                         processes=processes, reference=settings.kl_beta > 0)
+                 advantage: str = "joint", seed: int = 0, lora=None, processes: Processes | None = None):
+        (processes or Processes()).rows(settings.prompts_per_step * settings.group_size)  # refuses a bad split
+        super().__init__(bundle, settings, seed=seed, lora=lora, processes=processes)
+        self.prompts, self.prompt_tasks = list(prompts), np.asarray(prompt_tasks)
+        self.rewards, self.reward_names = list(rewards), list(reward_names)
+        self.weights, self.advantage = np.asarray(weights, dtype=np.float64), advantage
+        self.reference = FrozenReference(bundle, lora=lora is not None) if settings.kl_beta > 0 else None
         self.old = OldPolicy(bundle, self.named_params, settings.old_decay)
-        if self.kept_rows_only:  # the update selects rows itself; trains on the whole batch
-            self.kept_rows_only = False
 
     def sampling_transformer(self):
         return self.old.transformer
 
     def update(self, rollout, advantages: np.ndarray, kept: np.ndarray, step: int) -> dict:
-        """advantages: the whole batch's group advantages (clipped); this process trains its rows."""
-        s, traj = self.settings, rollout.trajectory
+        """advantages, kept: the whole batch's (clipped at adv_clip); this process trains its rows, weighted by
+        1 / (kept samples in the batch)."""
+        s, x0 = self.settings, rollout.trajectory.latents[-1]
         if not kept.any():
             return {}
-        x0 = traj.latents[-1]
         device = x0.device
         r = torch.as_tensor(optimality(advantages, s.adv_clip), dtype=torch.float32, device=device)
         weight = torch.as_tensor(kept, dtype=torch.float32, device=device)
         weight = weight / weight.sum()
         rows = self.processes.rows(len(r))
         r, weight = r[rows], weight[rows]
-        grid = sigma_schedule(s.sampler.steps, s.sampler.shift)[:-1]  # the sampler's noise levels (no sigma 0)
+        grid = sigma_schedule(s.sampler.steps, s.sampler.shift)[:-1]  # the sampler's noise levels, sigma 0 left out
         grid = grid[: max(1, round(s.time_fraction * len(grid)))]
         cfg = s.sampler.cfg if s.cfg_train else 1.0
+        generator = step_generator(self.seed, TIMESTEP_STREAM, step)
+        whole = len(r) * self.processes.count
         stats = defaultdict(list)
         self.bundle.transformer.train()
-        for epoch in range(s.inner_epochs):
-            generator = step_generator(self.seed, TRAIN_NOISE_STREAM, step * 1000 + epoch)
+        for _ in range(s.inner_epochs):
             self.optimizer.zero_grad(set_to_none=True)
             for _ in range(s.train_times):
-                whole = len(r) * self.processes.count
                 t = grid[torch.randint(len(grid), (whole,), generator=generator)][rows].to(device)
                 noise = torch.randn((whole, *x0.shape[1:]), generator=generator)[rows].to(device)
                 t = t.view(-1, *[1] * (x0.ndim - 1))
                 x_t = (1 - t) * x0 + t * noise
-                sigma = t.flatten()
                 with torch.no_grad():
-                    v_old = guided_velocity(self.bundle, x_t, sigma, rollout.cond, cfg, self.old.transformer)
-                v = guided_velocity(self.bundle, x_t, sigma, rollout.cond, cfg, None)
+                    v_old = guided_velocity(self.bundle, x_t, t.flatten(), rollout.cond, cfg, self.old.transformer)
+                v = guided_velocity(self.bundle, x_t, t.flatten(), rollout.cond, cfg, None)
                 per_sample = nft_loss(x_t, t, x0, v, v_old, r, s.beta)
                 stats["policy_loss"].append((per_sample.detach() * weight).sum().item())
                 if self.reference is not None:
-                    v_ref = self.reference.velocity(x_t, sigma, rollout.cond, cfg)
-                    kl = ((v - v_ref) ** 2).flatten(1).mean(1)
+                    v_ref = self.reference.velocity(x_t, t.flatten(), rollout.cond, cfg)
+                    kl = (v - v_ref).pow(2).flatten(1).mean(1)
                     per_sample = per_sample + s.kl_beta * kl
                     stats["kl"].append((kl.detach() * weight).sum().item())
                 loss = (per_sample * weight).sum() / s.train_times
                 loss.backward()
                 stats["loss"].append(loss.item() * s.train_times)
-            self.processes.sum_gradients(self.params)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, s.grad_clip or float("inf"))
-            stats["grad_norm"].append(grad_norm.item())
-            self.optimizer.step()
+            stats["grad_norm"].append(self.optimizer_step())
         self.bundle.transformer.eval()
         self.old.update(self.named_params)
-        for key in sorted(stats):
+        for key in sorted(stats):  # each process's weighted sums add up to the batch's (same keys everywhere)
             if key != "grad_norm":
                 stats[key] = self.processes.sum(stats[key])
         return {key: float(np.mean(values)) for key, values in stats.items()}
+
+    def step(self, step: int) -> dict:
+        t0 = time.perf_counter()
+        rollout = self.rollout(step)
+        t1 = time.perf_counter()
+        scores = self.score(rollout)
+        advantages, kept = self.advantages(scores)
+        t2 = time.perf_counter()
+        stats = self.update(rollout, advantages, kept, step)
+        t3 = time.perf_counter()
+        row = {"step": step} | self.reward_columns(scores, kept)
+        for key in ("loss", "policy_loss", "kl", "grad_norm"):
+            row[key] = stats.get(key)
+        return row | {"rollout_s": round(t1 - t0, 4), "reward_s": round(t2 - t1, 4), "train_s": round(t3 - t2, 4)}
 
     def state_dict(self) -> dict:
         return super().state_dict() | {"old": self.old.state_dict()}

@@ -433,7 +433,8 @@ class Teacher(Section):
     """A task teacher: a single-reward trainer (method.kind) on one task's train prompts, from the base."""
 
     task: Name
-    method: TeacherMethod
+    method: TeacherMethod = Field(default_factory=lambda: GRPOMethod(kind="grpo"))
+    """The trainer (`kind: grpo | nft`) and its settings; default Flow-GRPO."""
 
 
 class Baseline(Section):
@@ -444,7 +445,8 @@ class Baseline(Section):
     """Per task: weight of its reward in the sum."""
     advantage: Literal["joint", "per_reward"] = "joint"
     """joint: normalise the weighted reward sum; per_reward: normalise each reward's advantage, then sum."""
-    method: TeacherMethod
+    method: TeacherMethod = Field(default_factory=lambda: GRPOMethod(kind="grpo"))
+    """The trainer and its settings; give it the teachers' method."""
 
 
 class RouterRule(Section):
@@ -681,7 +683,9 @@ class Spec(Section):
             return {**section, key: deep_merge(top, own) if isinstance(own, dict) else own}
 
         def inherit_method(section):  # nft samples the ODE unless its sampler says otherwise
-            method = section.get("method") if isinstance(section, dict) else None
+            if not isinstance(section, dict):
+                return section
+            method = section.get("method", {"kind": "grpo"})
             if not isinstance(method, dict) or not isinstance(method.get("sampler", {}), dict):
                 return section
             own = dict(method.get("sampler", {}))
@@ -1010,7 +1014,9 @@ def deep_merge(base: dict, override: dict) -> dict:
 def _merges(base: Any, override: Any) -> bool:
     if not (isinstance(base, dict) and isinstance(override, dict)):
         return False
-    return all(d not in override or d not in base or override[d] == base[d] for d in DISCRIMINATORS)
+    return all(d not in override or d not in base or override[d] == base[d]
+               or isinstance(override[d], dict)  # a teacher's `method` section, not a discriminator's value
+               for d in DISCRIMINATORS)
 
 
 def _merge_tracked(base: dict, override: dict, file: str, origins: _Origins, prefix: tuple = ()) -> dict:

@@ -32,6 +32,8 @@ MICRO = ROOT / "tests" / "data" / "micro.yaml"
 # per-element rewards, the main spec's credit, are gathered whole).
 GRPO = {"steps": 3, "prompts_per_step": 2, "group_size": 4, "lr": 1e-3, "checkpoint_every": 1,
         "ema": {"decay": 0.9, "every": 1}, "sampler": {"steps": 3}}
+NFT = {"kind": "nft", "steps": 3, "prompts_per_step": 2, "group_size": 4, "lr": 1e-3, "checkpoint_every": 1,
+       "old_decay": 0.5, "kl_beta": 0.1, "train_times": 2, "ema": {"decay": 0.9, "every": 1}, "sampler": {"steps": 3}}
 OPD = {"steps": 3, "prompts_per_step": 2, "group_size": 4, "lr": 1e-3, "checkpoint_every": 1,
        "credit": "element", "normalize_advantage": True, "ema": {"decay": 0.9, "every": 1}, "sampler": {"steps": 3}}
 
@@ -80,8 +82,8 @@ def test_a_bad_process_count_is_refused(monkeypatch):
 def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed")
     spec_file = root / "spec.yaml"
-    spec_file.write_text(f"extends: {MICRO}\nteachers:\n  quality:\n    grpo: {json.dumps(GRPO)}\n"
-                         f"opd: {json.dumps(OPD)}\n")
+    spec_file.write_text(f"extends: {MICRO}\nteachers:\n  quality:\n    method: {json.dumps(GRPO)}\n"
+                         f"  objects:\n    method: {json.dumps(NFT)}\nopd: {json.dumps(OPD)}\n")
     spec = load_spec(spec_file)
     run_data(spec, root / "data")
     torch.manual_seed(0)
@@ -111,6 +113,9 @@ def assert_same_curves(one: Path, two: Path, keys):
     rows = [list(csv.DictReader((folder / "curve.csv").read_text().splitlines())) for folder in (one, two)]
     for a, b in zip(*rows, strict=True):
         for key in keys:
+            if a[key] == "" or b[key] == "":  # an empty cell: nothing trained at that step (no reward spread)
+                assert a[key] == b[key], (key, a["step"])
+                continue
             # abs: a PPO loss at ratio 1 is -mean(A), float noise around 0 (~1e-9 here)
             assert float(b[key]) == pytest.approx(float(a[key]), rel=1e-4, abs=1e-8), (key, a["step"])
 
@@ -126,6 +131,19 @@ def test_two_processes_train_the_teacher_of_one(inputs):
     assert meta["processes"] == 2
     one, two = (Path(root / f"teacher_{n}" / "curve.csv").read_text().splitlines() for n in (1, 2))
     assert one[0] == two[0] and len(one) == len(two) == 1 + GRPO["steps"]
+
+
+@pytest.mark.distributed
+def test_two_processes_train_the_nft_teacher_of_one(inputs):
+    """NFT: the flow-matching noise of the whole batch is drawn everywhere and each process keeps its rows."""
+    root, spec_file, spec = inputs
+    run_teacher(spec, "objects", root / "base", root / "data", root / "nft_1", progress=False)
+    launch("teacher", 2, "--spec", spec_file, "--teacher", "objects", "--base", root / "base", "--data",
+           root / "data", "--out", root / "nft_2")
+    assert_same_weights(root / "nft_1", root / "nft_2")
+    assert_same_curves(root / "nft_1", root / "nft_2", ("reward", "loss", "policy_loss", "kl"))
+    rows = list(csv.DictReader((root / "nft_1" / "curve.csv").read_text().splitlines()))
+    assert sum(row["loss"] != "" for row in rows) >= 2  # it trained on most steps
 
 
 @pytest.mark.distributed

@@ -90,7 +90,7 @@ def make_trainer(bundle, prompts, **overrides):
 def micro_spec(**grpo):
     raw = resolve_raw(MICRO)
     grpo = MICRO_GRPO | grpo
-    return validate_spec(deep_merge(raw, {"teachers": {"quality": {"grpo": grpo}}, "baseline": {"grpo": grpo}}))
+    return validate_spec(deep_merge(raw, {"teachers": {"quality": {"method": grpo}}, "baseline": {"method": grpo}}))
 
 
 # ---------------------------------------------------------------- advantages

@@ -4,15 +4,27 @@ import numpy as np
 import pytest
 import torch
 
-from flowopd.grpo import train
+from pathlib import Path
+
 from flowopd.models.tiny import TinyBundle
 from flowopd.nft import NFTTrainer, nft_loss, nft_optimality, optimality, x0_fit
 from flowopd.pretrain import tiny_model_config
 from flowopd.spec import NFTMethod, SpecError, deep_merge, load_spec, resolve_raw, validate_spec
+from flowopd.trainer import train
 from flowopd.training import Checkpoints
 from flowopd.world import make_prompt_set
 from flowopd.world.grammar import WorldConfig
-from tests.test_grpo import MICRO, Brightness
+
+MICRO = Path(__file__).resolve().parent / "data" / "micro.yaml"
+
+
+class Brightness:
+    """A toy reward with spread on any image: mean pixel value in [0, 1]."""
+
+    name = "brightness"
+
+    def __call__(self, images, prompts):
+        return {"score": images.reshape(len(images), -1).mean(1) / 255.0}
 
 
 def micro_method(**overrides) -> NFTMethod:
@@ -95,7 +107,7 @@ def test_nft_gradient_at_the_old_policy_is_signed_flow_matching():
     weight = error.abs().mean(1, keepdim=True)
     expected = (2 * r.view(-1, 1) - 1) * (-2 * t * error) / (weight * 8)
     torch.testing.assert_close(v.grad, expected)
-    assert v.grad[1].abs().max() == 0  # r = 1/2: no signal
+    assert v.grad[1].abs().max() < 1e-6  # r = 1/2: no signal (up to rounding)
 
 
 def test_x0_fit_weight_is_detached():
@@ -162,13 +174,13 @@ def test_teacher_method_is_a_validated_choice():
     assert method.sampler.cfg == spec.sampler.cfg  # and inherits the rest of the spec's sampler
     cases = [
         ({"kind": "nft", "sampler": {"noise_level": 0.7, "sde_window": [0, 3]}},
-         "teachers.text.method.sampler: Value error, nft trains on the rollouts' final samples"),
+         "teachers.text.method.sampler: nft trains on the rollouts' final samples"),
         ({"kind": "grpo", "sampler": {"sde_window": [2, 11]}},
-         "teachers.text.method.sampler: Value error, sde_window [2, 11) must lie inside the sampler's 10 steps"),
+         "teachers.text.method.sampler: sde_window [2, 11) must lie inside the sampler's 10 steps"),
         ({"kind": "grpo", "sampler": {"sde": "cps", "noise_level": 1.5}},
-         "teachers.text.method.sampler: Value error, sde cps needs noise_level (eta) in (0, 1], got 1.5"),
+         "teachers.text.method.sampler: sde cps needs noise_level (eta) in (0, 1], got 1.5"),
         ({"kind": "awr"}, "teachers.text.method"),
-        ({"kind": "nft", "beta": 0.0}, "teachers.text.method.nft.beta: Input should be greater than 0"),
+        ({"kind": "nft", "beta": 0.0}, "teachers.text.method.beta: Input should be greater than 0"),
     ]
     for method, message in cases:
         with pytest.raises(SpecError) as error:

@@ -80,7 +80,7 @@ def test_an_ablation_reruns_only_what_it_changes(tmp_path):
 
 
 def test_editing_one_teacher_leaves_the_others(tmp_path):
-    tree = make_tree(tmp_path, text_lr="teachers: {text: {grpo: {lr: 2.0e-4}}}\n")
+    tree = make_tree(tmp_path, text_lr="teachers: {text: {method: {lr: 2.0e-4}}}\n")
     stages = pipeline.build(tree)["stages"]
     assert len(stage_names(tree, "teacher-text")) == 2
     assert len(stage_names(tree, "teacher-objects")) == len(stage_names(tree, "teacher-quality")) == 1

@@ -80,7 +80,7 @@ def world(tmp_path_factory):
                   "lora": LORA},
         "sampler": {"steps": 3, "cfg": 4.5},
         "tasks": tasks,
-        "teachers": {task: {"task": task, "grpo": small} for task in tasks},
+        "teachers": {task: {"task": task, "method": {"kind": "grpo"} | small} for task in tasks},
         "router": {"rules": [{"task": task, "teacher": task} for task in tasks], "default": "error"},
         "cold_start": {"method": "merge", "mode": "linear", "weights": {"sign": 1.0, "poster": 1.0}},
         "opd": small | {"lr": 1e-2},

@@ -28,7 +28,7 @@ def test_sd3_spec_validates_with_published_settings(path):
     model = spec.model
     assert (model.kind, model.pretrained, model.resolution) == ("sd3", "stabilityai/stable-diffusion-3.5-medium", 512)
     assert (model.lora.rank, model.lora.alpha) == (32, 64.0) and set(model.lora.target_modules) == FLOW_GRPO_TARGETS
-    phases = [t.grpo for t in spec.teachers.values()] + [spec.baseline.grpo, spec.opd]
+    phases = [t.method for t in spec.teachers.values()] + [spec.baseline.method, spec.opd]
     for phase in phases:  # training: 10 SDE steps, noise 0.7, CFG 4.5, PPO eps 1e-4, the model's adapter
         sampler = phase.sampler
         assert (sampler.steps, sampler.noise_level, sampler.cfg, sampler.shift) == (10, 0.7, 4.5, 3.0)

@@ -159,15 +159,15 @@ def test_minimal_spec_fills_defaults():
     ("opd.timestep_fraction", 0.0, "opd.timestep_fraction: Input should be greater than 0"),
     ("opd.steps", 0, "opd.steps: Input should be greater than 0"),
     ("opd.steps", True, "opd.steps: Input should be a valid integer"),
-    ("teachers.text.grpo", {"group_size": 1},
-     "teachers.text.grpo.group_size: Input should be greater than or equal to 2"),
-    ("teachers.text.grpo", {"clip_eps": 0.0}, "teachers.text.grpo.clip_eps: Input should be greater than 0"),
+    ("teachers.text.method", {"kind": "grpo", "group_size": 1},
+     "teachers.text.method.group_size: Input should be greater than or equal to 2"),
+    ("teachers.text.method", {"kind": "grpo", "clip_eps": 0.0}, "teachers.text.method.clip_eps: Input should be greater than 0"),
     ("evaluation.seeds", [0, 0], "evaluation.seeds: repeated entries: 0"),
     ("sampler.cfg", math.nan, "sampler.cfg: Input should be a finite number"),
     ("opd.lr", math.inf, "opd.lr: Input should be a finite number"),
     ("cold_start.weights.text", math.inf, "cold_start.weights.text: Input should be a finite number"),
-    ("teachers.text.grpo", {"sampler": {"shift": -math.inf}},
-     "teachers.text.grpo.sampler.shift: Input should be a finite number"),
+    ("teachers.text.method", {"kind": "grpo", "sampler": {"shift": -math.inf}},
+     "teachers.text.method.sampler.shift: Input should be a finite number"),
     ("opd", {"estimator": "sampled", "sampler": {"noise_level": 0.0}},
      "opd: estimator sampled needs the SDE sampler (sampler.noise_level > 0)"),
     ("opd", {"estimator": "analytic_grad", "query": {"steps": [5, 9]}},
@@ -352,7 +352,7 @@ def test_phases_inherit_the_top_level_sampler():
     data = edited(edited(minimal(), "sampler", {"cfg": 4.5, "steps": 12}), "opd.sampler", {"steps": 6})
     data["cold_start"] = {"method": "sft"}
     spec = validate_spec(data)
-    assert (spec.teachers["text"].grpo.sampler.cfg, spec.teachers["text"].grpo.sampler.steps) == (4.5, 12)
+    assert (spec.teachers["text"].method.sampler.cfg, spec.teachers["text"].method.sampler.steps) == (4.5, 12)
     assert (spec.opd.sampler.cfg, spec.opd.sampler.steps) == (4.5, 6)
     assert spec.cold_start.sampler.cfg == 4.5
     assert (spec.evaluation.sampler.cfg, spec.evaluation.sampler.steps) == (3.0, 20)  # evaluation is its own
