@@ -403,7 +403,7 @@ def run_cold_start(spec, base_dir: Path | None, teacher_dirs: dict, data_dir: Pa
         if curve:
             write_curve(folder / "curve.csv", curve)
         write_provenance(
-            folder, "cold_start", cold_start_sub_spec(spec), **spec_identity(spec), method=method, **extra,
+            folder, "cold_start", cold_start_sub_spec(spec), **spec_identity(spec), method=method, **extra, curve=curve,
             base_dir=None if base_dir is None else str(base_dir), base_sha256=weights_sha(base_dir),
             teachers={n: {"dir": str(teacher_dirs[n]), "sha256": weights_sha(teacher_dirs[n])}
                       for n in used if n != "base"},
@@ -421,7 +421,7 @@ def sd3_cold_start(spec, teacher_dirs: dict, data_dir: Path | None, out: Path, p
 
     started, start = now(), time.time()
     settings, method = spec.cold_start, spec.cold_start.method
-    extra, used, write_weights = {}, [], None  # write_weights(folder) -> the weights file
+    extra, used, write_weights, curve = {}, [], None, None  # write_weights(folder) -> the weights file
     if method == "merge":
         used = [name for name, weight in settings.weights.items() if weight > 0]
         require_teacher_dirs(used, teacher_dirs)
@@ -457,7 +457,7 @@ def sd3_cold_start(spec, teacher_dirs: dict, data_dir: Path | None, out: Path, p
     with atomic_folder(out) as folder:
         weights_file = write_weights(folder) if write_weights is not None else None
         write_provenance(
-            folder, "cold_start", cold_start_sub_spec(spec), **spec_identity(spec), method=method, **extra,
+            folder, "cold_start", cold_start_sub_spec(spec), **spec_identity(spec), method=method, **extra, curve=curve,
             teachers={n: {"dir": str(teacher_dirs[n]), "sha256": weights_sha(teacher_dirs[n])}
                       for n in used if n != "base"},
             started=started, finished=now(), seconds=round(time.time() - start, 2),

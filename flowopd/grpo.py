@@ -460,7 +460,7 @@ def _run_phase(spec, phase, sub_spec, settings, base_dir, out, curve_path, progr
         weights_file = save_policy(bundle, folder, lora)
         write_curve(folder / "curve.csv", curve)
         write_provenance(
-            folder, phase, sub_spec, **spec_identity(spec), **extra, processes=processes.count,
+            folder, phase, sub_spec, **spec_identity(spec), **extra, curve=curve, processes=processes.count,
             base_dir=None if base_dir is None else str(base_dir), base_sha256=base_sha, lora=lora is not None,
             trainable_parameters=sum(p.numel() for p in trainer.params), steps=settings.steps,
             train_seconds=curve[-1]["seconds"], started=started, finished=now(),

@@ -377,7 +377,7 @@ def run_opd(spec, init_dir: Path, base_dir: Path | None, teacher_dirs: dict, dat
         weights_file = save_policy(student, folder, lora)
         write_curve(folder / "curve.csv", curve)
         write_provenance(
-            folder, "opd", sub_spec, **spec_identity(spec), estimator=settings.estimator, routing=counts,
+            folder, "opd", sub_spec, **spec_identity(spec), curve=curve, estimator=settings.estimator, routing=counts,
             processes=processes.count,
             anchor=anchor_name, mar_weight=spec.mar.weight, init_dir=str(init_dir), init_sha256=inputs["init_sha256"],
             teachers={n: {"dir": str(f), "sha256": inputs["teachers"][n]} for n, f in folders.items()},

@@ -1,4 +1,4 @@
-"""The phases a stage runs: each reads the resolved spec, writes one artifact folder atomically with provenance.
+"""The phases a stage runs: each reads the resolved spec, writes one artifact folder atomically (its run record beside).
 
 A phase depends only on its own sections of the spec (PHASE_SECTIONS), which is what keys its DVC stage: two specs
 whose sections agree share the artifact, and editing evaluation settings never retrains a model.
@@ -11,7 +11,15 @@ import json
 import time
 from pathlib import Path
 
-from flowopd.artifacts import atomic_folder, canonical_hash, now, sha256_file, write_json, write_provenance
+from flowopd.artifacts import (
+    atomic_folder,
+    canonical_hash,
+    curve_without_timing,
+    now,
+    sha256_file,
+    write_json,
+    write_provenance,
+)
 
 PHASE_SECTIONS = {
     "data": ("seed", "world", "tasks"),
@@ -115,6 +123,7 @@ def run_base(spec, out: Path, curve_path: Path | None = None, progress: bool = T
             "base",
             sub_spec(spec, "base"),
             **spec_identity(spec),
+            curve=curve,
             parameters=bundle.parameter_count(),
             started=started,
             finished=now(),
@@ -154,8 +163,10 @@ def run_eval(
 
 
 def write_curve(path: Path, rows: list[dict]) -> None:
+    """A training curve as CSV, without its timing columns (they vary run to run: the run record keeps them)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    rows = curve_without_timing(rows)
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from flowopd.artifacts import RUN_RECORD
 from flowopd.phases import (
     MODEL_SECTIONS,
     PHASE_SECTIONS,
@@ -32,12 +33,13 @@ from flowopd.spec import extends_chain, load_spec
 
 PIPELINE_SPECS = ("specs/*.yaml", "specs/ablations/*.yaml")  # specs/sd3/ are for GPU clusters, not dvc repro here
 CODE_DEPS = {
-    "data": ["stages/data.py", "flowopd/phases.py", "flowopd/data.py", "flowopd/world"],
-    "base": ["stages/base.py", "flowopd/phases.py", "flowopd/pretrain.py", "flowopd/models", "flowopd/world"],
-    "eval": ["stages/eval.py", "flowopd/phases.py", "flowopd/evaluate.py", "flowopd/data.py", "flowopd/sampling.py",
-             "flowopd/sde.py", "flowopd/rewards", "flowopd/models", "flowopd/world"],
+    "data": ["stages/data.py", "flowopd/phases.py", "flowopd/artifacts.py", "flowopd/data.py", "flowopd/world"],
+    "base": ["stages/base.py", "flowopd/phases.py", "flowopd/artifacts.py", "flowopd/pretrain.py", "flowopd/models",
+             "flowopd/world"],
+    "eval": ["stages/eval.py", "flowopd/phases.py", "flowopd/artifacts.py", "flowopd/evaluate.py", "flowopd/data.py",
+             "flowopd/sampling.py", "flowopd/sde.py", "flowopd/rewards", "flowopd/models", "flowopd/world"],
 }
-TRAINING_DEPS = ["flowopd/phases.py", "flowopd/grpo.py", "flowopd/training.py", "flowopd/distributed.py", "flowopd/data.py",
+TRAINING_DEPS = ["flowopd/phases.py", "flowopd/artifacts.py", "flowopd/grpo.py", "flowopd/training.py", "flowopd/distributed.py", "flowopd/data.py",
                  "flowopd/sampling.py", "flowopd/sde.py", "flowopd/rewards", "flowopd/models", "flowopd/world"]
 CODE_DEPS |= {
     "teacher": ["stages/teacher.py", *TRAINING_DEPS],
@@ -53,6 +55,12 @@ HEADER = (
     "# Generated from specs/ by `flowopd pipeline write` (make repro runs it). Do not edit by hand:\n"
     "# stages are keyed by the hash of the spec sections their phase reads, and shared across specs.\n"
 )
+
+
+def artifact_outs(folder: str) -> list:
+    """An artifact folder (cached, what later stages depend on) and its run record beside it: an output without
+    cache that no stage depends on, so a rerun's new times never make anything downstream stale."""
+    return [folder, {folder + RUN_RECORD: {"cache": False}}]
 
 
 def pipeline_specs(root: Path) -> list[str]:
@@ -90,7 +98,7 @@ class _Builder:
         """A training stage writing artifacts/<phase>/<key> and its curve; returns the artifact folder."""
         out, curve = f"artifacts/{phase}/{key}", f"reports/curves/{phase}-{key}.csv"
         cmd = " ".join(part for part in (f"python stages/{phase}.py --spec {spec_path}", args, f"--out {out}") if part)
-        stage = {"cmd": cmd, "deps": deps, "outs": [out]}
+        stage = {"cmd": cmd, "deps": deps, "outs": artifact_outs(out)}
         if phase != "cold_start":
             stage["cmd"] += f" --curve {curve}"
             stage["plots"] = [{curve: {"cache": False, "x": "step", "y": "loss" if phase == "base" else "reward"}}]
@@ -103,7 +111,7 @@ class _Builder:
             "cmd": f"python stages/eval.py --spec {spec_path} --model {model_dir} --data {data_dir} "
                    f"--label {label} --out {out} --metrics reports/metrics/{name}.json",
             "deps": [*CODE_DEPS["eval"], model_dir, data_dir],
-            "outs": [out],
+            "outs": artifact_outs(out),
             "metrics": [{f"reports/metrics/{name}.json": {"cache": False}}],
         }, spec_path, PHASE_SECTIONS["eval"])
         self.shards[out] = model_dir
@@ -120,7 +128,7 @@ def build(root: Path = Path(".")) -> dict:
         b.add(f"data-{keys['data']}", {
             "cmd": f"python stages/data.py --spec {spec_path} --out {data_dir}",
             "deps": CODE_DEPS["data"],
-            "outs": [data_dir],
+            "outs": artifact_outs(data_dir),
         }, spec_path, PHASE_SECTIONS["data"])
         models = {}  # model key -> (report label, artifact folder)
         start_keys = MODEL_SECTIONS[spec.model.kind]

@@ -1,10 +1,16 @@
-"""Artifact folders: atomic (a crash leaves nothing half-written) and carrying their provenance."""
+"""Artifact folders: atomic (a crash leaves nothing half-written), a function of their inputs, provenance beside."""
 
 import json
 
 import pytest
 
-from flowopd.artifacts import atomic_folder, canonical_hash, write_provenance
+from flowopd.artifacts import (
+    atomic_folder,
+    canonical_hash,
+    read_run_record,
+    run_record_path,
+    write_provenance,
+)
 
 
 def test_atomic_folder_replaces_target_only_on_success(tmp_path):
@@ -19,12 +25,38 @@ def test_atomic_folder_replaces_target_only_on_success(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["artifact"]  # no staging folder left behind
 
 
-def test_provenance_records_hash_git_and_environment(tmp_path):
-    sub_spec = {"base": {"steps": 3}, "seed": 0}
-    meta = write_provenance(tmp_path, "base", sub_spec, seconds=1.5)
-    assert json.loads((tmp_path / "spec.json").read_text()) == sub_spec
-    on_disk = json.loads((tmp_path / "meta.json").read_text())
-    assert on_disk == meta
-    assert meta["sections_hash"] == canonical_hash({"seed": 0, "base": {"steps": 3}})
-    assert meta["phase"] == "base" and meta["seconds"] == 1.5
-    assert {"git_rev", "git_dirty", "python", "packages", "device"} <= meta.keys()
+def write(target, seconds: float, processes: int):
+    curve = [{"step": s, "loss": 1.0 / (s + 1), "rollout_s": seconds / 10, "seconds": seconds * s} for s in range(3)]
+    with atomic_folder(target) as folder:
+        (folder / "weights").write_text("w")
+        write_provenance(folder, "base", {"base": {"steps": 3}, "seed": 0}, curve=curve, spec_name="micro",
+                         spec_hash="h" * 64, processes=processes, seconds=seconds, parameters=12,
+                         started="2025-01-01T00:00:00+00:00", finished="2025-01-01T00:10:00+00:00")
+    return {p.name: p.read_bytes() for p in sorted(target.iterdir())}
+
+
+def test_the_folder_holds_what_the_inputs_determine_and_the_run_record_the_rest(tmp_path):
+    target = tmp_path / "base" / "abc"
+    files = write(target, seconds=1.5, processes=1)
+    assert set(files) == {"weights", "spec.json", "meta.json"}
+    meta = json.loads(files["meta.json"])
+    assert meta == {"phase": "base", "sections_hash": canonical_hash({"seed": 0, "base": {"steps": 3}}),
+                    "parameters": 12}
+    assert json.loads(files["spec.json"]) == {"base": {"steps": 3}, "seed": 0}
+    run = read_run_record(target)
+    assert run_record_path(target) == tmp_path / "base" / "abc.run.json"
+    assert run["seconds"] == 1.5 and run["spec_name"] == "micro" and run["processes"] == 1
+    assert {"git_rev", "git_dirty", "python", "packages", "device", "host", "argv"} <= run.keys()
+    assert run["sections_hash"] == meta["sections_hash"]
+    assert run["curve_timing"] == [{"step": s, "rollout_s": 0.15, "seconds": 1.5 * s} for s in range(3)]
+    assert run["startup_seconds"] >= 0  # this (test) process started before the phase's clock
+
+
+def test_a_rerun_that_differs_only_in_its_run_writes_the_same_bytes(tmp_path):
+    target = tmp_path / "abc"
+    first = write(target, seconds=1.5, processes=1)
+    first_run = read_run_record(target)
+    assert write(target, seconds=9.0, processes=2) == first
+    second_run = read_run_record(target)
+    assert (second_run["seconds"], second_run["processes"]) == (9.0, 2) != (first_run["seconds"], 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["abc", "abc.run.json"]
