@@ -8,7 +8,8 @@ hash, and nothing downstream reruns (its run cache can match too).
 Beside it, `<folder>.run.json`, the run record (a DVC output without cache that no stage depends on): what varies
 from run to run: the spec file the stage ran from (name, label, whole-spec hash), start and finish times, seconds,
 the process's start-up seconds, process count, host, git revision and dirty flag, package versions, device, and the
-training curve's timing columns. The ledger reads it beside every folder it ingests.
+training curve's timing columns. The ledger reads it beside every folder it ingests. "Dirty" means the code or the
+specs differ from the commit (SOURCE_PATHS), not that DVC rewrote dvc.lock or reports/ during the run.
 """
 
 from __future__ import annotations
@@ -35,10 +36,13 @@ RUN_RECORD = ".run.json"  # suffix of the run record beside an output folder
 STAGED_RUN_RECORD = ".run.json"  # its name inside the staging folder, moved out when the folder is committed
 # write_provenance keywords that describe the run, not the result: they go to the run record, never into meta.json
 RUN_FACTS = ("spec_name", "spec_label", "spec_hash", "processes", "started", "finished", "seconds", "train_seconds")
+# A run is "dirty" when these differ from the commit (tracked changes or new files): the code and the specs, not
+# what DVC rewrites while it runs (dvc.lock, reports/, .gitignore files) or the artifacts.
+SOURCE_PATHS = ("flowopd", "stages", "specs", "pyproject.toml", "dvc.yaml", "sd3/dvc.yaml")
 
 
 def git_state(cwd: Path | None = None) -> dict:
-    """Revision and dirty flag of the working tree (None outside a git checkout)."""
+    """Revision and dirty flag (code or specs differ from the revision, SOURCE_PATHS); None outside a checkout."""
 
     def run(*args: str) -> str | None:
         try:
@@ -48,7 +52,7 @@ def git_state(cwd: Path | None = None) -> dict:
         return out.stdout.strip() if out.returncode == 0 else None
 
     rev = run("rev-parse", "HEAD")
-    status = run("status", "--porcelain", "--untracked-files=no")
+    status = run("status", "--porcelain", "--untracked-files=normal", "--", *SOURCE_PATHS)
     return {"git_rev": rev, "git_dirty": None if status is None else bool(status)}
 
 

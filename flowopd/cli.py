@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from flowopd.experiment import add_experiment_parser
 from flowopd.ledger import add_ledger_parser
 from flowopd.report import add_report_parser
 from flowopd.spec_cli import add_spec_parser
@@ -44,5 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     add_pipeline_parser(subparsers)
     add_ledger_parser(subparsers)
     add_report_parser(subparsers)
-    args = parser.parse_args(argv)
+    add_experiment_parser(subparsers)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # only `exp run` passes arguments on (to `dvc exp run`)
+        if not hasattr(args, "dvc_args"):
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.dvc_args = unknown
     return args.func(args)

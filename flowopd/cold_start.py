@@ -496,10 +496,12 @@ def stage_parser(phase: str) -> argparse.ArgumentParser:
 def stage_main(argv: list[str] | None = None) -> None:
     """Command line of stages/cold_start.py (one process: see flowopd.distributed)."""
     from flowopd.distributed import refuse_several_processes
+    from flowopd.phases import check_stage_key
     from flowopd.spec import load_spec_or_exit
 
     refuse_several_processes("cold_start")
     args = stage_parser("cold_start").parse_args(argv)
     spec = load_spec_or_exit(args.spec)
+    check_stage_key(spec, args.spec, "cold_start", args.out)
     teacher_dirs = parse_teacher_dirs(args.teacher, spec)
     run_cold_start(spec, args.base, teacher_dirs, args.data, args.out, not args.no_progress)

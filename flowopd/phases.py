@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import time
 from pathlib import Path
 
@@ -173,13 +174,38 @@ def write_curve(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def warn_if_stale(spec, phase: str, out: Path) -> None:
-    """Stage folders end in their sub-spec hash; a mismatch means the specs changed since dvc.yaml was written
-    (fine inside `dvc exp run -S`, where the artifact then holds the experiment's own settings)."""
-    key = sub_spec_hash(spec, phase)[:10]
-    if not Path(out).name.endswith(key):
-        print(f"note: {phase} sections of the spec hash to {key}, not to the stage key in {out}; "
-              "if you edited specs/, run `flowopd pipeline write` (make repro does) to re-key the stages")
+def phase_sub_spec(spec, phase: str, teacher: str | None = None) -> dict:
+    """The sub-spec that keys a stage of `phase` (its artifact's spec.json)."""
+    if phase in PHASE_SECTIONS:
+        return sub_spec(spec, phase)
+    if phase == "teacher":
+        return teacher_sub_spec(spec, teacher)
+    return {"baseline": baseline_sub_spec, "cold_start": cold_start_sub_spec, "opd": opd_sub_spec}[phase](spec)
+
+
+KEYED_FOLDER = re.compile(r"(?:.+-)?([0-9a-f]{10})")  # artifacts/<phase>/<key>, artifacts/eval/<model key>-<key>
+
+
+def check_stage_key(spec, spec_path, phase: str, out: Path, teacher: str | None = None) -> None:
+    """Refuse to write a stage folder named for other settings: its name, its stage key and its meta.json must agree.
+
+    A mismatch means the spec changed after dvc.yaml was written, as `dvc exp run -S` does (it cannot rename stages).
+    Folders not named by a key (hand-run stages) are not checked."""
+    named = KEYED_FOLDER.fullmatch(Path(out).name)
+    if named is None:
+        return
+    try:
+        key = stage_key(phase_sub_spec(spec, phase, teacher))
+    except (KeyError, AttributeError):  # no such teacher, no baseline section: the phase names the problem itself
+        return
+    if named.group(1) == key:
+        return
+    raise SystemExit(
+        f"{phase}: {out} is named for key {named.group(1)}, but {spec_path} now gives this stage the key {key}: the "
+        "spec changed after dvc.yaml was written (`dvc exp run -S` does that, and cannot rename stages), so the "
+        "folder would not say what made it. Run the experiment with `flowopd exp run -S FILE:KEY=VALUE ...` (it "
+        "edits the spec, re-keys dvc.yaml, then runs `dvc exp run`), or edit the spec and run "
+        "`flowopd pipeline write` before `dvc repro` or `dvc exp run`.")
 
 
 def stage_main(phase: str, argv: list[str] | None = None) -> None:
@@ -204,7 +230,7 @@ def stage_main(phase: str, argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     spec = load_spec_or_exit(args.spec)
     progress = not args.no_progress
-    warn_if_stale(spec, phase, args.out)
+    check_stage_key(spec, args.spec, phase, args.out)
     if phase == "data":
         run_data(spec, args.out)
     elif phase == "base":

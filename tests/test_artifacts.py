@@ -1,12 +1,14 @@
 """Artifact folders: atomic (a crash leaves nothing half-written), a function of their inputs, provenance beside."""
 
 import json
+import subprocess
 
 import pytest
 
 from flowopd.artifacts import (
     atomic_folder,
     canonical_hash,
+    git_state,
     read_run_record,
     run_record_path,
     write_provenance,
@@ -60,3 +62,31 @@ def test_a_rerun_that_differs_only_in_its_run_writes_the_same_bytes(tmp_path):
     second_run = read_run_record(target)
     assert (second_run["seconds"], second_run["processes"]) == (9.0, 2) != (first_run["seconds"], 1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["abc", "abc.run.json"]
+
+
+def test_dirty_means_code_or_specs_differ_from_the_commit(tmp_path):
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@localhost", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    for path in ("specs/main.yaml", "flowopd/phases.py", "dvc.lock", "reports/main_table.md"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text("committed\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "start")
+    assert git_state(tmp_path) == {"git_rev": git_rev(tmp_path), "git_dirty": False}
+    for rewritten_by_dvc in ("dvc.lock", "reports/main_table.md", "artifacts/base.run.json", "reports/new.csv"):
+        (tmp_path / rewritten_by_dvc).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rewritten_by_dvc).write_text("rewritten during `dvc repro`\n")
+    assert git_state(tmp_path)["git_dirty"] is False
+    (tmp_path / "specs/ablation.yaml").write_text("a new spec, not committed\n")
+    assert git_state(tmp_path)["git_dirty"] is True
+    (tmp_path / "specs/ablation.yaml").unlink()
+    (tmp_path / "flowopd/phases.py").write_text("edited\n")
+    assert git_state(tmp_path)["git_dirty"] is True
+
+
+def git_rev(folder) -> str:
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True,
+                          check=True).stdout.strip()
