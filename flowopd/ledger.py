@@ -11,8 +11,9 @@ Tables (all joined on `run_id`):
 Run provenance (spec file, times, seconds, git, environment, the curve's timing columns) comes from the run record
 beside each folder (`<folder>.run.json`, flowopd.artifacts); folders from before run records carry it in meta.json.
 A run_id is a hash of the shard's content and its run record (meta.json + metrics.json + the record), so ingesting
-a shard twice is a no-op, a rerun that wrote the same bytes is a new run, and the ledger keeps every run it has seen. One writer: all shards go in one transaction, and a bad shard
-(named with what is wrong) stops the ingest before the ledger is opened. DuckDB lets one process hold a file for
+a shard twice is a no-op, a rerun that wrote the same bytes is a new run, and the ledger keeps every run it has
+seen. One writer: all shards go in one transaction, and a bad shard (named with what is wrong) stops the ingest
+before the ledger is opened. DuckDB lets one process hold a file for
 writing (no one else can even read it meanwhile): a held lock is retried a few times, then reported in one line.
 
 duckdb and pyarrow are imported inside functions: `flowopd` start-up (`flowopd spec validate`) stays fast.

@@ -100,21 +100,21 @@ def spec_identity(spec) -> dict:
 def run_data(spec, out: Path) -> None:
     from flowopd.data import build_prompt_sets, write_prompt_sets
 
-    started = now()
+    started, start = now(), time.time()
     with atomic_folder(out) as folder:
         sets = build_prompt_sets(spec)
         write_prompt_sets(sets, folder)
         counts = {task: {split: len(p) for split, p in splits.items()} for task, splits in sets.items()}
         write_provenance(folder, "data", sub_spec(spec, "data"), **spec_identity(spec), prompt_counts=counts,
-                         started=started, finished=now())
+                         started=started, finished=now(), seconds=round(time.time() - start, 2))
 
 
 def run_base(spec, out: Path, curve_path: Path | None = None, progress: bool = True) -> None:
-    from flowopd.pretrain import pretrain
-
     if spec.model.kind != "tiny":
         raise SystemExit("the base phase pretrains tiny models only; an sd3 spec starts from its pretrained weights")
-    started, start = now(), time.time()
+    started, start = now(), time.time()  # like every phase's clock, it covers the model library's import
+    from flowopd.pretrain import pretrain
+
     bundle, curve = pretrain(spec, progress=progress)
     with atomic_folder(out) as folder:
         bundle.save(folder)
@@ -138,14 +138,21 @@ def run_base(spec, out: Path, curve_path: Path | None = None, progress: bool = T
 def run_eval(
     spec, model_dir: Path, data_dir: Path, label: str, out: Path, metrics_path: Path | None = None, progress=True
 ) -> None:
+    """Evaluate a model artifact; several processes (accelerate launch) split the sampling, the main one writes."""
     from flowopd.cold_start import weights_sha
+    from flowopd.distributed import Processes
     from flowopd.evaluate import evaluate
     from flowopd.grpo import load_model
 
     started, start = now(), time.time()
-    bundle = load_model(spec, model_dir)
+    processes = Processes.from_environment()
+    bundle = load_model(spec, model_dir, processes.device)
+    if not processes.is_main:
+        evaluate(bundle, spec, data_dir, None, progress=False, processes=processes)
+        processes.wait()
+        return
     with atomic_folder(out) as folder:
-        record = evaluate(bundle, spec, data_dir, folder, progress=progress)
+        record = evaluate(bundle, spec, data_dir, folder, progress=progress, processes=processes)
         write_provenance(
             folder,
             "eval",
@@ -155,12 +162,14 @@ def run_eval(
             model_dir=str(model_dir),
             model_sha256=weights_sha(model_dir),
             model_sections_hash=json.loads((Path(model_dir) / "meta.json").read_text())["sections_hash"],
+            processes=processes.count,
             started=started,
             finished=now(),
             seconds=round(time.time() - start, 2),
         )
     if metrics_path is not None:  # the small file `dvc metrics show` / `dvc exp show` read
         write_json(metrics_path, {label: record["headline"]})
+    processes.wait()
 
 
 def write_curve(path: Path, rows: list[dict]) -> None:
@@ -212,10 +221,13 @@ def stage_main(phase: str, argv: list[str] | None = None) -> None:
     """Command line of the thin `stages/<phase>.py` entry points that dvc.yaml runs."""
     import argparse
 
-    from flowopd.distributed import refuse_several_processes
+    from flowopd.launch import refuse_several_processes, relaunch_if_asked
     from flowopd.spec import load_spec_or_exit
 
-    refuse_several_processes(phase)
+    if phase == "eval" and argv is None:
+        relaunch_if_asked()  # the evaluation splits over processes (FLOWOPD_PROCESSES, an accelerate config)
+    elif phase != "eval":
+        refuse_several_processes(phase)
     parser = argparse.ArgumentParser(prog=f"stages/{phase}.py", description=f"run the {phase} phase of a spec")
     parser.add_argument("--spec", required=True, type=Path, help="spec YAML file")
     parser.add_argument("--out", required=True, type=Path, help="artifact folder to write (atomically)")

@@ -3,10 +3,14 @@
 A stage is named and keyed by the hash of the sections its phase reads (`flowopd.phases.PHASE_SECTIONS`), so:
 - editing evaluation settings changes only eval stages; editing the base changes the base and all downstream;
 - two specs with the same base settings share one `base-<hash>` stage and artifact;
-- each stage lists as DVC params the keys of its sections in every file of the `extends` chain of the spec its
-  command runs (the first spec, in PIPELINE_SPECS order, that has these sections), so
-  `dvc exp run -S specs/flow_opd.yaml:base.steps=10` reruns what it should. Specs that only share a stage are not
-  listed: adding one must not rerun the stage.
+- each stage lists as DVC params only its own sections (OWN_SECTIONS): a section belongs to the first stage that
+  reads it (seed, world and tasks to data; model and base to base; a teacher's settings to its teacher; evaluation
+  to the eval stages), and reaches later stages through that stage's artifact, whose spec.json (hence DVC hash)
+  changes with it. They are taken from every file of the `extends` chain of the spec the command runs (the first
+  spec, in PIPELINE_SPECS order, that has the stage). So dvc.lock does not repeat sections from stage to stage, an
+  edited section reruns the stage that owns it (which refuses a stale key, flowopd.phases.check_stage_key), and
+  specs that only share a stage are not listed: adding one must not rerun it.
+- dvc.lock keeps only the stages of dvc.yaml: `write` drops the entries of stages that no longer exist.
 `flowopd pipeline write` regenerates dvc.yaml; a test fails when the committed one is stale.
 """
 
@@ -14,13 +18,13 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 from pathlib import Path
 
 import yaml
 
 from flowopd.artifacts import RUN_RECORD
 from flowopd.phases import (
-    MODEL_SECTIONS,
     PHASE_SECTIONS,
     baseline_sub_spec,
     cold_start_sub_spec,
@@ -33,14 +37,17 @@ from flowopd.spec import extends_chain, load_spec
 
 PIPELINE_SPECS = ("specs/*.yaml", "specs/ablations/*.yaml")  # specs/sd3/ are for GPU clusters, not dvc repro here
 CODE_DEPS = {
-    "data": ["stages/data.py", "flowopd/phases.py", "flowopd/artifacts.py", "flowopd/data.py", "flowopd/world"],
-    "base": ["stages/base.py", "flowopd/phases.py", "flowopd/artifacts.py", "flowopd/pretrain.py", "flowopd/models",
+    "data": ["stages/data.py", "flowopd/phases.py", "flowopd/artifacts.py", "flowopd/launch.py", "flowopd/data.py",
              "flowopd/world"],
-    "eval": ["stages/eval.py", "flowopd/phases.py", "flowopd/artifacts.py", "flowopd/evaluate.py", "flowopd/data.py",
-             "flowopd/sampling.py", "flowopd/sde.py", "flowopd/rewards", "flowopd/models", "flowopd/world"],
+    "base": ["stages/base.py", "flowopd/phases.py", "flowopd/artifacts.py", "flowopd/launch.py", "flowopd/pretrain.py",
+             "flowopd/models", "flowopd/world"],
+    "eval": ["stages/eval.py", "flowopd/phases.py", "flowopd/artifacts.py", "flowopd/launch.py", "flowopd/evaluate.py",
+             "flowopd/data.py", "flowopd/sampling.py", "flowopd/sde.py", "flowopd/rewards", "flowopd/models",
+             "flowopd/world"],
 }
-TRAINING_DEPS = ["flowopd/phases.py", "flowopd/artifacts.py", "flowopd/grpo.py", "flowopd/training.py", "flowopd/distributed.py", "flowopd/data.py",
-                 "flowopd/sampling.py", "flowopd/sde.py", "flowopd/rewards", "flowopd/models", "flowopd/world"]
+TRAINING_DEPS = ["flowopd/phases.py", "flowopd/artifacts.py", "flowopd/launch.py", "flowopd/grpo.py",
+                 "flowopd/training.py", "flowopd/distributed.py", "flowopd/data.py", "flowopd/sampling.py",
+                 "flowopd/sde.py", "flowopd/rewards", "flowopd/models", "flowopd/world"]
 CODE_DEPS |= {
     "teacher": ["stages/teacher.py", *TRAINING_DEPS],
     "baseline": ["stages/baseline.py", *TRAINING_DEPS],
@@ -51,6 +58,17 @@ LEDGER_DEPS = ["stages/ledger.py", "flowopd/ledger.py", "flowopd/artifacts.py"]
 REPORT_DEPS = ["stages/report.py", "flowopd/report.py", "flowopd/ledger.py"]
 REPORT_OUTS = ["reports/main_table.csv", "reports/main_table.md", "reports/mar_table.md", "reports/README.md", "reports/plots",
                "reports/grids"]
+# The sections each phase lists as DVC params; sd3 has no base stage, so its training stages own `model` themselves.
+# `sampler` is the training phases' shared rollout sampler, which each inherits (so each lists it).
+OWN_SECTIONS = {
+    "data": ("seed", "world", "tasks"),
+    "base": ("model", "base"),
+    "teacher": ("sampler",),  # + teachers.<name>
+    "baseline": ("sampler", "baseline"),
+    "cold_start": ("router", "cold_start"),  # + sampler for sft
+    "opd": ("sampler", "router", "opd", "mar"),
+    "eval": ("evaluation",),
+}
 HEADER = (
     "# Generated from specs/ by `flowopd pipeline write` (make repro runs it). Do not edit by hand:\n"
     "# stages are keyed by the hash of the spec sections their phase reads, and shared across specs.\n"
@@ -113,7 +131,7 @@ class _Builder:
             "deps": [*CODE_DEPS["eval"], model_dir, data_dir],
             "outs": artifact_outs(out),
             "metrics": [{f"reports/metrics/{name}.json": {"cache": False}}],
-        }, spec_path, PHASE_SECTIONS["eval"])
+        }, spec_path, OWN_SECTIONS["eval"])
         self.shards[out] = model_dir
 
 
@@ -129,43 +147,42 @@ def build(root: Path = Path(".")) -> dict:
             "cmd": f"python stages/data.py --spec {spec_path} --out {data_dir}",
             "deps": CODE_DEPS["data"],
             "outs": artifact_outs(data_dir),
-        }, spec_path, PHASE_SECTIONS["data"])
+        }, spec_path, OWN_SECTIONS["data"])
         models = {}  # model key -> (report label, artifact folder)
-        start_keys = MODEL_SECTIONS[spec.model.kind]
+        own_model = () if spec.model.kind == "tiny" else ("model",)
         base_dir, base_arg, base_deps = None, "", []
         if spec.model.kind == "tiny":
             base_dir = b.train("base", keys["base"], f"base-{keys['base']}", spec_path, "",
-                               PHASE_SECTIONS["base"], CODE_DEPS["base"])
+                               OWN_SECTIONS["base"], CODE_DEPS["base"])
             base_arg, base_deps = f"--base {base_dir} ", [base_dir]
             models[f"base-{keys['base']}"] = ("base", base_dir)
         inputs = f"{base_arg}--data {data_dir}"
         teacher_dirs = {}
         for name, teacher in spec.teachers.items():
             key = stage_key(teacher_sub_spec(spec, name))
-            params = (*start_keys, "sampler", f"tasks.{teacher.task}", f"teachers.{name}")
+            params = (*own_model, *OWN_SECTIONS["teacher"], f"teachers.{name}")
             teacher_dirs[name] = b.train("teacher", key, f"teacher-{teacher.task}-{key}", spec_path,
                                          f"--teacher {name} {inputs}", params,
                                          [*CODE_DEPS["teacher"], *base_deps, data_dir])
             models[f"teacher-{key}"] = (f"teacher:{name}", teacher_dirs[name])
         if spec.baseline is not None:
             key = stage_key(baseline_sub_spec(spec))
-            tasks = tuple(f"tasks.{task}" for task in spec.baseline.weights)
             out = b.train("baseline", key, f"baseline-{key}", spec_path, inputs,
-                          (*start_keys, "sampler", *tasks, "baseline"), [*CODE_DEPS["baseline"], *base_deps, data_dir])
+                          (*own_model, *OWN_SECTIONS["baseline"]), [*CODE_DEPS["baseline"], *base_deps, data_dir])
             models[f"baseline-{key}"] = ("mixed_grpo", out)
         if teacher_dirs:
             teacher_args = " ".join(f"--teacher {name}={folder}" for name, folder in teacher_dirs.items())
             teacher_deps = sorted(set(teacher_dirs.values()))
-            trained = (*start_keys, "sampler", "tasks", "teachers", "router")
             init_dir = base_dir
             if spec.cold_start.method != "none":
                 key = stage_key(cold_start_sub_spec(spec))
+                sft = ("sampler",) if spec.cold_start.method == "sft" else ()
                 init_dir = b.train("cold_start", key, f"cold_start-{key}", spec_path, f"{inputs} {teacher_args}",
-                                   (*trained, "cold_start"), [*CODE_DEPS["cold_start"], *base_deps, data_dir,
-                                                              *teacher_deps])
+                                   (*own_model, *sft, *OWN_SECTIONS["cold_start"]),
+                                   [*CODE_DEPS["cold_start"], *base_deps, data_dir, *teacher_deps])
             key = stage_key(opd_sub_spec(spec))
             out = b.train("opd", key, f"opd-{key}", spec_path, f"{inputs} {teacher_args} --init {init_dir}",
-                          (*trained, "cold_start", "opd", "mar"),
+                          (*own_model, *OWN_SECTIONS["opd"]),
                           [*CODE_DEPS["opd"], *base_deps, data_dir, *teacher_deps, init_dir])
             models[f"opd-{key}"] = (spec.label, out)
         for model_key, (label, model_dir) in models.items():
@@ -192,12 +209,41 @@ def render(root: Path = Path(".")) -> str:
 
 
 def write(root: Path = Path(".")) -> bool:
-    """Write dvc.yaml; returns whether it changed."""
+    """Write dvc.yaml and drop dvc.lock's entries of stages it no longer has; returns whether dvc.yaml changed."""
     path, text = Path(root) / "dvc.yaml", render(root)
+    prune_lock(path.with_name("dvc.lock"), set(yaml.safe_load(text)["stages"]))
     if path.exists() and path.read_text() == text:
         return False
     path.write_text(text)
     return True
+
+
+def prune_lock(lock: Path, live: set[str]) -> list[str]:
+    """Drop the dvc.lock entries of stages not in `live` (DVC keeps a removed stage's entry, and parses and rewrites
+    the whole file after every stage it runs). Returns the dropped names. The entries kept stay byte for byte: a
+    dead entry's lines (its `  name:` line and the deeper-indented ones after it) are cut from DVC's layout."""
+    if not lock.is_file():
+        return []
+    text = lock.read_text()
+    stages = (yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}).get("stages") or {}
+    dead = [name for name in stages if name not in live]
+    if not dead:
+        return []
+    kept, skipping = [], False
+    for line in text.splitlines(keepends=True):
+        entry = re.match(r"  (\S[^:]*):", line)
+        if entry:
+            skipping = entry.group(1).strip("'\"") in dead
+        elif not line.startswith("   "):  # `stages:`, `schema:`: top level again
+            skipping = False
+        if not skipping:
+            kept.append(line)
+    pruned = "".join(kept)
+    if set(yaml.safe_load(pruned).get("stages") or {}) != set(stages) - set(dead):
+        print(f"note: {lock} has an unexpected layout; its entries of removed stages are left in place")
+        return []
+    lock.write_text(pruned)
+    return dead
 
 
 def stale(root: Path = Path(".")) -> bool:

@@ -23,7 +23,7 @@ from flowopd.spec import load_spec, spec_hash
 # The text teacher checkpoints every step, so a kill after the first checkpoint leaves steps to resume.
 TEXT_TEACHER = "  text: {grpo: {steps: 2, prompts_per_step: 1, group_size: 2}}"
 assert TEXT_TEACHER in MICRO
-SPEC = MICRO.replace(TEXT_TEACHER, "  text: {grpo: {steps: 8, prompts_per_step: 1, group_size: 2, checkpoint_every: 1}}")
+SPEC = MICRO.replace(TEXT_TEACHER, TEXT_TEACHER.replace("steps: 2,", "steps: 8, checkpoint_every: 1,"))
 # About 100 s on a busy 2-core machine (seven stage processes): behind the slow marker.
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("git") is None, reason="dvc needs git")]
 
@@ -37,7 +37,8 @@ def repo(tmp_path_factory):
     stages = pipeline.build(tree)["stages"]
     teacher = next(name for name in stages if name.startswith("teacher-text-"))
     out = stages[teacher]["outs"][0]
-    evaluation = next(name for name in stages if name.startswith("eval-teacher-" + teacher.removeprefix("teacher-text-")))
+    key = teacher.removeprefix("teacher-text-")
+    evaluation = next(name for name in stages if name.startswith(f"eval-teacher-{key}-"))
     return tree, teacher, out, evaluation
 
 

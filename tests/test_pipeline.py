@@ -86,8 +86,8 @@ def test_editing_one_teacher_leaves_the_others(tmp_path):
     assert len(stage_names(tree, "teacher-objects")) == len(stage_names(tree, "teacher-quality")) == 1
     assert len(stage_names(tree, "baseline")) == 1 and len(stage_names(tree, "cold_start")) == 2
     text = next(s for s in stages.values() if s["cmd"].startswith("python stages/teacher.py --spec specs/ablations"))
-    assert text["params"] == [
-        {"specs/flow_opd.yaml": ["seed", "world", "model", "base", "sampler", "tasks.text", "teachers.text"]},
+    assert text["params"] == [  # its own sections only: the base's and the tasks' reach it through their folders
+        {"specs/flow_opd.yaml": ["sampler", "teachers.text"]},
         {"specs/ablations/text_lr.yaml": ["teachers.text"]},
     ]
 
@@ -97,7 +97,27 @@ def test_params_come_from_every_file_of_the_extends_chain(tmp_path):
     stages = pipeline.build(tree)["stages"]
     base = next(s for s in stages.values() if "--spec specs/ablations/longer.yaml" in s["cmd"]
                 and s["cmd"].startswith("python stages/base.py"))
-    assert base["params"] == [{"specs/flow_opd.yaml": ["seed", "world", "model", "base"]},
-                              {"specs/ablations/longer.yaml": ["base"]}]
+    assert base["params"] == [{"specs/flow_opd.yaml": ["model", "base"]}, {"specs/ablations/longer.yaml": ["base"]}]
     rendered = yaml.safe_load(pipeline.render(tree))
     assert rendered == pipeline.build(tree)
+
+
+def test_every_section_of_a_stage_key_is_some_stages_param(tmp_path):
+    """A section edited without re-keying (`dvc exp run -S`) reruns the stage that owns it, which refuses."""
+    tree = make_tree(tmp_path, sft="cold_start: {method: sft, steps: 3}\n")
+    listed = {key.split(".")[0] for stage in pipeline.build(tree)["stages"].values()
+              for entry in stage.get("params", []) for keys in entry.values() for key in keys}
+    assert listed == {"seed", "world", "tasks", "model", "base", "sampler", "teachers", "baseline", "router",
+                      "cold_start", "opd", "mar", "evaluation"}
+
+
+def test_write_drops_the_lock_entries_of_removed_stages_and_keeps_the_rest_byte_for_byte(tmp_path):
+    tree = make_tree(tmp_path)
+    pipeline.write(tree)
+    live = next(iter(yaml.safe_load((tree / "dvc.yaml").read_text())["stages"]))
+    entry = (f"  {live}:\n    cmd: python stages/data.py --spec specs/flow_opd.yaml --out \n"
+             "      artifacts/data/x\n    outs:\n    - path: artifacts/data/x\n      hash: md5\n")
+    dead = "  data-0123456789:\n    cmd: python stages/data.py\n    params:\n      specs/flow_opd.yaml:\n        seed: 0\n"
+    (tree / "dvc.lock").write_text("schema: '2.0'\nstages:\n" + dead + entry + dead.replace("0123", "9876"))
+    pipeline.write(tree)
+    assert (tree / "dvc.lock").read_text() == "schema: '2.0'\nstages:\n" + entry
