@@ -36,7 +36,7 @@ def scratch_repo(tree: Path, specs: dict[str, str]) -> Path:
     for name, text in specs.items():
         (tree / "specs" / name).parent.mkdir(parents=True, exist_ok=True)
         (tree / "specs" / name).write_text(text)
-    (tree / ".gitignore").write_text("/artifacts/\n/reports/ledger.duckdb*\n__pycache__/\n")
+    (tree / ".gitignore").write_text("/artifacts/\nledger.duckdb*\n__pycache__/\n")
     run(tree, "git", "init", "-q")
     run(tree, "dvc", "init", "-q")
     run(tree, "dvc", "config", "core.analytics", "false")
@@ -46,8 +46,8 @@ def scratch_repo(tree: Path, specs: dict[str, str]) -> Path:
 
 
 def ran(output: str) -> set[str]:
-    """Names of the stages a `dvc repro` / `dvc exp run` output says it ran."""
-    return set(re.findall(r"Running stage '([^']+)'", output))
+    """Names of the stages a `dvc repro` / `dvc exp run` output says it ran (without a `sub/dvc.yaml:` prefix)."""
+    return {name.rpartition(":")[2] for name in re.findall(r"Running stage '([^']+)'", output)}
 
 
 def locked_out(tree: Path, stage: str, out: str) -> dict:

@@ -121,3 +121,27 @@ def test_write_drops_the_lock_entries_of_removed_stages_and_keeps_the_rest_byte_
     (tree / "dvc.lock").write_text("schema: '2.0'\nstages:\n" + dead + entry + dead.replace("0123", "9876"))
     pipeline.write(tree)
     assert (tree / "dvc.lock").read_text() == "schema: '2.0'\nstages:\n" + entry
+
+
+def test_the_sd3_specs_make_their_own_pipeline_with_the_same_rules():
+    """sd3/dvc.yaml: stages run from the repository root, write under artifacts/sd3 and reports/sd3, share what
+    the three specs agree on, and the data stage depends on the prompt files."""
+    stages = pipeline.build(ROOT, pipeline.PIPELINES[1])["stages"]
+    by_phase = {}
+    for name in stages:
+        by_phase.setdefault(name.split("-")[0], []).append(name)
+    assert {phase: len(names) for phase, names in by_phase.items()} == {
+        "data": 1, "teacher": 4, "baseline": 1, "cold_start": 2, "opd": 3, "eval": 8, "ledger": 1, "report": 1}
+    assert all(stage["wdir"] == ".." for stage in stages.values())
+    outs = [o if isinstance(o, str) else next(iter(o)) for s in stages.values() for o in s["outs"]]
+    assert all(o.startswith(("artifacts/sd3/", "reports/sd3/")) for o in outs)
+    (data,) = (stages[n] for n in by_phase["data"])
+    assert "data/sd3/ocr/train.txt" in data["deps"] and "data/sd3/geneval/test_metadata.jsonl" in data["deps"]
+    teacher = stages[by_phase["teacher"][0]]
+    assert teacher["cmd"].startswith("python stages/teacher.py --spec specs/sd3/flow_opd.yaml")
+    assert "model" in teacher["params"][0]["specs/sd3/flow_opd.yaml"]  # no base stage owns it
+    labels = sorted(stages[n]["cmd"].split("--label ")[1].split()[0] for n in by_phase["eval"])
+    assert labels == ["flow_opd", "flow_opd:no_mar", "flow_opd:sft_init", "mixed_grpo", "teacher:deqa",
+                      "teacher:geneval", "teacher:ocr", "teacher:pickscore"]
+    assert "--db reports/sd3/ledger.duckdb" in stages["ledger"]["cmd"]
+    assert yaml.safe_load((ROOT / "sd3/dvc.yaml").read_text()) == pipeline.build(ROOT, pipeline.PIPELINES[1])
