@@ -137,6 +137,7 @@ class _Builder:
     def __init__(self, root: Path, layout: Layout):
         self.root, self.layout, self.stages = root, layout, {}
         self.shards: dict[str, str] = {}  # eval out -> the model folder it evaluated (the ledger reads its curve)
+        self.anchor_task: str | None = None  # the MAR table's benchmark: the first spec's MAR anchor's task
 
     def add(self, name: str, stage: dict, spec_path: str, param_keys: tuple[str, ...]) -> None:
         if name not in self.stages:
@@ -175,6 +176,7 @@ class _Builder:
         if not self.shards:
             return
         db, reports, listed = f"{self.layout.reports}/ledger.duckdb", self.layout.reports, " ".join(self.shards)
+        quality = f" --quality-benchmark {self.anchor_task}" if self.anchor_task else ""
         wdir = {"wdir": self.layout.wdir} if self.layout.wdir else {}
         self.stages["ledger"] = {**wdir,
             "cmd": f"python stages/ledger.py --db {db} {listed}",
@@ -182,7 +184,7 @@ class _Builder:
             "outs": [{db: {"persist": True, "cache": False}}],
         }
         self.stages["report"] = {**wdir,
-            "cmd": f"python stages/report.py --db {db} --out {reports} {listed}",
+            "cmd": f"python stages/report.py --db {db} --out {reports}{quality} {listed}",
             "deps": [*REPORT_DEPS, db, *self.shards],
             "outs": [{f"{reports}/{path}": {"cache": False}} for path in REPORT_OUTS],
         }
@@ -194,6 +196,8 @@ def build(root: Path = Path("."), layout: Layout = TINY) -> dict:
     b = _Builder(root, layout)
     for spec_path in pipeline_specs(root, layout):
         spec = load_spec(root / spec_path)
+        if b.anchor_task is None and spec.mar.anchor in spec.teachers:
+            b.anchor_task = spec.teachers[spec.mar.anchor].task
         keys = {phase: sub_spec_hash(spec, phase)[:10] for phase in PHASE_SECTIONS}
         data_dir = b.artifact("data", keys["data"])
         b.add(f"data-{keys['data']}", {

@@ -442,7 +442,7 @@ def _deltas(a: pl.DataFrame, b: pl.DataFrame, label_a: str, label_b: str) -> lis
 # ---------------------------------------------------------------- command line
 def cmd_build(args) -> int:
     try:
-        table = build(args.shards, args.db, args.out)
+        table = build(args.shards, args.db, args.out, args.quality_benchmark)
     except LedgerError as err:
         print(err, file=sys.stderr)
         return 1
@@ -468,6 +468,8 @@ def _build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("shards", nargs="+", metavar="SHARD", help="the current eval shard folders")
     parser.add_argument("--db", type=Path, default=DEFAULT_DB, help=f"ledger file (default {DEFAULT_DB})")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"report folder (default {DEFAULT_OUT})")
+    parser.add_argument("--quality-benchmark", default="quality",
+                        help="the benchmark of the MAR table (the MAR anchor's task; default quality)")
 
 
 def add_report_parser(subparsers) -> argparse.ArgumentParser:

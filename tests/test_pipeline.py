@@ -144,4 +144,5 @@ def test_the_sd3_specs_make_their_own_pipeline_with_the_same_rules():
     assert labels == ["flow_opd", "flow_opd:no_mar", "flow_opd:sft_init", "mixed_grpo", "teacher:deqa",
                       "teacher:geneval", "teacher:ocr", "teacher:pickscore"]
     assert "--db reports/sd3/ledger.duckdb" in stages["ledger"]["cmd"]
+    assert "--quality-benchmark deqa" in stages["report"]["cmd"]  # the MAR anchor's task: the MAR table
     assert yaml.safe_load((ROOT / "sd3/dvc.yaml").read_text()) == pipeline.build(ROOT, pipeline.PIPELINES[1])
