@@ -11,6 +11,9 @@ mean(B) mean(A) != mean(B A) the two differ. Both return the full-weight delta t
 sft: each teacher samples `samples_per_prompt` images for the train prompts routed to it (the cold start's own
 sampler), optionally only each prompt's best-reward sample is kept, then a copy of the base is fine-tuned on them
 with the plain flow-matching loss  L = || v_theta(x_s, s, c) - (e - x0) ||^2,  x_s = (1 - s) x0 + s e.
+Several processes (accelerate launch) split it like the trainers (flowopd.distributed): each sampling chunk's rows
+(every draw made for the whole chunk), the scoring, and each SFT batch's rows (every draw made for the whole batch,
+gradients summed), so they reach the 1-process weights up to float summation order.
 none: the student is the base.
 """
 
@@ -27,6 +30,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from flowopd.artifacts import atomic_folder, canonical_hash, now, sha256_file, write_provenance
+from flowopd.distributed import Processes
 from flowopd.models.base import Condition
 from flowopd.models.loading import load_bundle, load_teachers, require_teacher_dirs, weights_sha
 from flowopd.phases import cold_start_sub_spec  # the sub-spec the stage is keyed on (flowopd.pipeline)
@@ -209,9 +213,10 @@ def fold_delta(base: dict[str, Tensor], delta: dict[str, Tensor]) -> dict[str, T
 
 # ---------------------------------------------------------------- SFT on teacher samples
 def flow_matching_loss(bundle, x0: Tensor, cond: Condition, generator: torch.Generator,
-                       time_sampling: str = "logit_normal") -> Tensor:
+                       time_sampling: str = "logit_normal", rows: slice | None = None) -> Tensor:
     """|| v_theta(x_s, s, c) - (e - x0) ||^2 averaged, x_s = (1 - s) x0 + s e, s ~ logit-normal(0, 1) or uniform
-    (the base's pretraining loss, flowopd.pretrain)."""
+    (the base's pretraining loss, flowopd.pretrain). `rows`: this process's share of the batch: the noise and times
+    are drawn for the whole batch, the loss is the share's part of the whole batch's mean."""
     batch = x0.shape[0]
     noise = torch.randn(x0.shape, generator=generator).to(x0)
     if time_sampling == "logit_normal":
@@ -221,24 +226,30 @@ def flow_matching_loss(bundle, x0: Tensor, cond: Condition, generator: torch.Gen
     else:
         raise ValueError(f"time_sampling must be 'logit_normal' or 'uniform', got {time_sampling!r}")
     sigma = sigma.to(x0.device)
+    if rows is not None:
+        x0, noise, sigma, cond = x0[rows], noise[rows], sigma[rows], cond.index(rows)
     s = sigma.view(-1, *[1] * (x0.ndim - 1))
     velocity = bundle.velocity((1 - s) * x0 + s * noise, sigma, cond)
-    return torch.nn.functional.mse_loss(velocity.float(), (noise - x0).float())
+    loss = torch.nn.functional.mse_loss(velocity.float(), (noise - x0).float())
+    return loss if rows is None else loss * (x0.shape[0] / batch)
 
 
 @torch.no_grad()
 def teacher_samples(teachers: dict, prompts: list, routes: list[str], sampler, samples_per_prompt: int, seed: int,
-                    progress: bool = True) -> Tensor:
+                    progress: bool = True, processes: Processes | None = None) -> Tensor:
     """x0 (N * G, ...): G = samples_per_prompt samples of prompt i in rows i G ... i G + G - 1, each drawn by the
     teacher prompt i is routed to (teachers: name -> bundle). Each teacher draws from its own stream, keyed by its
-    name, so its samples do not depend on the other teachers."""
+    name, so its samples do not depend on the other teachers. Several processes split each chunk of rows evenly
+    (a chunk that does not split is sampled whole by each) and gather them: every process returns all of x0."""
+    processes = processes or Processes()
     missing = sorted(set(routes) - set(teachers))
     if missing:
         raise ValueError(f"prompts are routed to {missing} but no such teacher model was given")
     group = samples_per_prompt
     out = None
     total = len(prompts) * group
-    bar = tqdm(total=total, desc="teacher samples", unit="img", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=total, desc="teacher samples", unit="img", disable=not progress or not processes.is_main,
+               dynamic_ncols=True)
     for name in sorted(teachers):
         mine = [i for i, route in enumerate(routes) if route == name]
         if not mine:
@@ -248,10 +259,14 @@ def teacher_samples(teachers: dict, prompts: list, routes: list[str], sampler, s
         rows = [i * group + j for i in mine for j in range(group)]
         for start in range(0, len(rows), SAMPLE_BATCH):
             chunk = rows[start : start + SAMPLE_BATCH]
-            cond = bundle.encode([prompts[r // group].text for r in chunk])
+            share = (processes.index, processes.count) if len(chunk) % processes.count == 0 else (0, 1)
+            part = chunk[processes.rows(len(chunk))] if share[1] > 1 else chunk
+            cond = bundle.encode([prompts[r // group].text for r in part])
             x = sample(bundle, cond, steps=sampler.steps, shift=sampler.shift, cfg=sampler.cfg,
                        noise_level=sampler.noise_level, generator=generator,
-                       log_prob_reduction=sampler.logprob_reduction)
+                       log_prob_reduction=sampler.logprob_reduction, share=share)
+            if share[1] > 1:
+                x = torch.cat(processes.gather_objects(x.cpu())).to(x.device)
             if out is None:
                 out = torch.empty((total, *x.shape[1:]), dtype=x.dtype, device=x.device)
             out[torch.as_tensor(chunk, device=x.device)] = x
@@ -267,10 +282,12 @@ def best_of_groups(scores, group: int) -> np.ndarray:
 
 
 def sft(bundle, x0: Tensor, texts: list[str], settings, seed: int, cfg_dropout: float = 0.0,
-        time_sampling: str = "logit_normal", progress: bool = True) -> list[dict]:
+        time_sampling: str = "logit_normal", progress: bool = True, processes: Processes | None = None) -> list[dict]:
     """Fine-tune the bundle's transformer (or a LoRA adapter, settings.lora) on (x0, text) pairs with the
     flow-matching loss for settings.steps batches of settings.batch_size; a share `cfg_dropout` of each batch sees
-    the empty prompt (keeps classifier-free guidance working). The text encoder stays frozen. Returns the curve."""
+    the empty prompt (keeps classifier-free guidance working). The text encoder stays frozen. Returns the curve.
+    Several processes: each takes its rows of every batch (batch_size a multiple of the count), gradients summed."""
+    processes = processes or Processes()
     torch.manual_seed(seed)  # LoRA's gaussian A
     params = list(prepare_policy(bundle, settings.lora).values())
     optimizer = make_optimizer(params, settings.lr)
@@ -278,7 +295,11 @@ def sft(bundle, x0: Tensor, texts: list[str], settings, seed: int, cfg_dropout: 
     cond_all, null = bundle.encode(texts), bundle.encode([""])
     curve, start = [], time.perf_counter()
     bundle.transformer.train()
-    bar = tqdm(range(settings.steps), desc="sft", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(range(settings.steps), desc="sft", disable=not progress or not processes.is_main, dynamic_ncols=True)
+    if settings.batch_size % processes.count:
+        raise SystemExit(f"cold_start.batch_size {settings.batch_size} does not split over {processes.count} "
+                         "processes: make it a multiple of the process count")
+    rows = processes.rows(settings.batch_size) if processes.count > 1 else None
     for step in bar:
         idx = torch.randint(len(texts), (settings.batch_size,), generator=generator)
         drop = (torch.rand(settings.batch_size, generator=generator) < cfg_dropout).to(x0.device)
@@ -287,18 +308,21 @@ def sft(bundle, x0: Tensor, texts: list[str], settings, seed: int, cfg_dropout: 
             torch.where(drop[:, None, None], null.prompt_embeds, picked.prompt_embeds),
             torch.where(drop[:, None], null.pooled, picked.pooled),
         )
-        loss = flow_matching_loss(bundle, x0[idx.to(x0.device)], cond, generator, time_sampling)
+        loss = flow_matching_loss(bundle, x0[idx.to(x0.device)], cond, generator, time_sampling, rows)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        processes.sum_gradients(params)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        curve.append({"step": step, "loss": loss.item(), "seconds": round(time.perf_counter() - start, 3)})
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        value = processes.sum([loss.item()])[0]  # the whole batch's loss
+        curve.append({"step": step, "loss": value, "seconds": round(time.perf_counter() - start, 3)})
+        bar.set_postfix(loss=f"{value:.4f}")
     bundle.transformer.eval()
     return curve
 
 
-def sft_cold_start(spec, base, teachers: dict, prompts: list, tasks: list[str], progress: bool = True):
+def sft_cold_start(spec, base, teachers: dict, prompts: list, tasks: list[str], progress: bool = True,
+                   processes: Processes | None = None):
     """Route the prompts, sample the teachers, keep the best of each group (optional), fine-tune `base` in place.
 
     best_of_group scores each sample with the reward of its prompt's task of origin (with task routing, the routed
@@ -308,27 +332,32 @@ def sft_cold_start(spec, base, teachers: dict, prompts: list, tasks: list[str], 
     from flowopd.data import world_config
     from flowopd.rewards import task_reward
 
-    settings = spec.cold_start
+    settings, processes = spec.cold_start, processes or Processes()
     router = Router.from_spec(spec)
     routes = router.route_all(prompts, tasks)
     counts = router.summary(prompts, tasks)
-    print(format_summary(counts))
+    if processes.is_main:
+        print(format_summary(counts))
     group = settings.samples_per_prompt
-    x0 = teacher_samples(teachers, prompts, routes, settings.sampler, group, spec.seed, progress)
+    x0 = teacher_samples(teachers, prompts, routes, settings.sampler, group, spec.seed, progress, processes)
     rows = np.arange(len(x0))
     if settings.best_of_group and group > 1:
-        scores = np.empty(len(x0))
-        images = base.decode(x0)
+        share = processes.split(len(x0))  # each process scores its rows; the scores are gathered
+        scores = np.empty(share.stop - share.start)
+        images = base.decode(x0[share])
         for task in dict.fromkeys(tasks):
-            mine = np.array([r for r in rows if tasks[r // group] == task])
-            reward = task_reward(spec.tasks[task], world_config(spec))
-            scores[mine] = reward(images[mine], [prompts[r // group] for r in mine])["score"]
-        rows = best_of_groups(scores, group)
+            mine = np.array([r for r in rows[share] if tasks[r // group] == task], dtype=int)
+            if len(mine):
+                reward = task_reward(spec.tasks[task], world_config(spec))
+                local = mine - share.start
+                scores[local] = reward(images[local], [prompts[r // group] for r in mine])["score"]
+        rows = best_of_groups(np.concatenate(processes.gather_objects(scores)), group)
     texts = [prompts[r // group].text for r in rows]
     tiny = spec.model.kind == "tiny"
     curve = sft(base, x0[torch.as_tensor(rows, device=x0.device)], texts, settings, spec.seed,
                 cfg_dropout=spec.base.cfg_dropout if tiny else 0.0,
-                time_sampling=spec.base.time_sampling if tiny else "logit_normal", progress=progress)
+                time_sampling=spec.base.time_sampling if tiny else "logit_normal", progress=progress,
+                processes=processes)
     return curve, {"routing": counts, "samples": len(rows)}
 
 
@@ -342,6 +371,7 @@ def run_cold_start(spec, base_dir: Path | None, teacher_dirs: dict, data_dir: Pa
         return sd3_cold_start(spec, teacher_dirs, data_dir, out, progress)
     started, start = now(), time.time()
     settings, method = spec.cold_start, spec.cold_start.method
+    processes = Processes.from_environment()  # several only for sft (stage_main refuses them otherwise)
     bundle = load_bundle(spec, base_dir)
     extra, curve, used = {}, None, []
     if method == "merge":
@@ -357,23 +387,27 @@ def run_cold_start(spec, base_dir: Path | None, teacher_dirs: dict, data_dir: Pa
         prompts, tasks = training_prompts(spec, data_dir)
         used = list(Router.from_spec(spec).summary(prompts, tasks))
         teachers = load_teachers(used, teacher_dirs, base_dir, config=bundle.config)
-        curve, extra = sft_cold_start(spec, bundle, teachers, prompts, tasks, progress)
+        curve, extra = sft_cold_start(spec, bundle, teachers, prompts, tasks, progress, processes)
         extra["prompts_sha256"] = canonical_hash([p.text for p in prompts])
     elif method != "none":
         raise SystemExit(f"unknown cold start method {method!r}")
     lora = getattr(settings, "lora", None)
+    if not processes.is_main:  # the same weights everywhere; the main process writes them
+        processes.wait()
+        return
     with atomic_folder(out) as folder:
         weights_file = save_policy(bundle, folder, lora)
         if curve:
             write_curve(folder / "curve.csv", curve)
         write_provenance(
-            folder, "cold_start", cold_start_sub_spec(spec), **spec_identity(spec), method=method, **extra,
+            folder, "cold_start", cold_start_sub_spec(spec), **spec_identity(spec), method=method, **extra, curve=curve,
             base_dir=None if base_dir is None else str(base_dir), base_sha256=weights_sha(base_dir),
             teachers={n: {"dir": str(teacher_dirs[n]), "sha256": weights_sha(teacher_dirs[n])}
                       for n in used if n != "base"},
-            started=started, finished=now(), seconds=round(time.time() - start, 2),
+            processes=processes.count, started=started, finished=now(), seconds=round(time.time() - start, 2),
             weights_sha256=sha256_file(weights_file),
         )
+    processes.wait()
 
 
 def sd3_cold_start(spec, teacher_dirs: dict, data_dir: Path | None, out: Path, progress: bool = True) -> None:
@@ -385,7 +419,8 @@ def sd3_cold_start(spec, teacher_dirs: dict, data_dir: Path | None, out: Path, p
 
     started, start = now(), time.time()
     settings, method = spec.cold_start, spec.cold_start.method
-    extra, used, write_weights = {}, [], None  # write_weights(folder) -> the weights file
+    processes = Processes.from_environment()  # several only for sft (stage_main refuses them otherwise)
+    extra, used, write_weights, curve = {}, [], None, None  # write_weights(folder) -> the weights file
     if method == "merge":
         used = [name for name, weight in settings.weights.items() if weight > 0]
         require_teacher_dirs(used, teacher_dirs)
@@ -406,27 +441,31 @@ def sd3_cold_start(spec, teacher_dirs: dict, data_dir: Path | None, out: Path, p
         prompts, tasks = training_prompts(spec, data_dir)
         used = list(Router.from_spec(spec).summary(prompts, tasks))
         require_teacher_dirs(used, teacher_dirs)
-        bundle = load_bundle(spec, None)
+        bundle = load_bundle(spec, None, processes.device)
         for name in used:
             if name != "base":
                 bundle.load_adapter(name, teacher_dirs[name], trainable=False)
         teachers = {name: bundle.adapter_bundle(None if name == "base" else name) for name in used}
         sft_spec = spec.model_copy(update={"cold_start": settings.model_copy(update={"lora": lora})})  # sft trains it
-        curve, extra = sft_cold_start(sft_spec, bundle, teachers, prompts, tasks, progress)
+        curve, extra = sft_cold_start(sft_spec, bundle, teachers, prompts, tasks, progress, processes)
         extra["prompts_sha256"] = canonical_hash([p.text for p in prompts])
 
         def write_weights(folder):
             write_curve(folder / "curve.csv", curve)
             return bundle.save_adapter(ADAPTER, folder, lora.model_dump(mode="json"))
+    if not processes.is_main:  # the same adapter everywhere; the main process writes it
+        processes.wait()
+        return
     with atomic_folder(out) as folder:
         weights_file = write_weights(folder) if write_weights is not None else None
         write_provenance(
-            folder, "cold_start", cold_start_sub_spec(spec), **spec_identity(spec), method=method, **extra,
+            folder, "cold_start", cold_start_sub_spec(spec), **spec_identity(spec), method=method, **extra, curve=curve,
             teachers={n: {"dir": str(teacher_dirs[n]), "sha256": weights_sha(teacher_dirs[n])}
                       for n in used if n != "base"},
-            started=started, finished=now(), seconds=round(time.time() - start, 2),
+            processes=processes.count, started=started, finished=now(), seconds=round(time.time() - start, 2),
             weights_sha256=None if weights_file is None else sha256_file(weights_file),
         )
+    processes.wait()
 
 
 # ---------------------------------------------------------------- command line
@@ -458,12 +497,17 @@ def stage_parser(phase: str) -> argparse.ArgumentParser:
 
 
 def stage_main(argv: list[str] | None = None) -> None:
-    """Command line of stages/cold_start.py (one process: see flowopd.distributed)."""
-    from flowopd.distributed import refuse_several_processes
+    """Command line of stages/cold_start.py (sft: FLOWOPD_PROCESSES=N, N processes; merge and none: one)."""
+    from flowopd.launch import refuse_several_processes, relaunch_if_asked
+    from flowopd.phases import check_stage_key
     from flowopd.spec import load_spec_or_exit
 
-    refuse_several_processes("cold_start")
     args = stage_parser("cold_start").parse_args(argv)
     spec = load_spec_or_exit(args.spec)
+    if spec.cold_start.method != "sft":
+        refuse_several_processes("cold_start")
+    elif argv is None:
+        relaunch_if_asked()
+    check_stage_key(spec, args.spec, "cold_start", args.out)
     teacher_dirs = parse_teacher_dirs(args.teacher, spec)
     run_cold_start(spec, args.base, teacher_dirs, args.data, args.out, not args.no_progress)

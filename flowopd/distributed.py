@@ -10,23 +10,20 @@ order, within 1e-5 on CPU; tests/test_distributed.py):
   every process takes the same optimiser step and keeps the same weights and EMA; only the main process writes.
 
 One process (the default, and whenever WORLD_SIZE is unset) never imports accelerate and computes exactly as before.
-`FLOWOPD_PROCESSES=N` makes a stage command start itself under `accelerate launch` with N processes.
+How a stage command gets several processes: flowopd.launch.
 """
 
 from __future__ import annotations
 
-import os
-import sys
-
 import numpy as np
 import torch
 
-PROCESSES_ENV = "FLOWOPD_PROCESSES"
-
-
-def launched_world_size() -> int:
-    """Processes in this job as the launcher announced them (torchrun / accelerate set WORLD_SIZE)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+from flowopd.launch import (  # noqa: F401  (re-exported: how a stage command is launched)
+    PROCESSES_ENV,
+    launched_world_size,
+    refuse_several_processes,
+    relaunch_if_asked,
+)
 
 
 class Processes:
@@ -57,7 +54,23 @@ class Processes:
         share = n // self.count
         return slice(self.index * share, (self.index + 1) * share)
 
+    def split(self, n: int) -> slice:
+        """This process's contiguous share of n items that need not split evenly (prompts to sample or score):
+        the first n % count processes take one item more."""
+        share, extra = divmod(n, self.count)
+        start = self.index * share + min(self.index, extra)
+        return slice(start, start + share + (self.index < extra))
+
     # -- collectives (identity for one process) ----------------------------------------------------------
+    def gather_objects(self, value) -> list:
+        """Every process's `value` (anything picklable: arrays, CPU tensors, dicts), in process order, on every
+        process; [value] for one process."""
+        if self.count == 1:
+            return [value]
+        gathered = [None] * self.count
+        torch.distributed.all_gather_object(gathered, value)
+        return gathered
+
     def gather(self, values: np.ndarray) -> np.ndarray:
         """Concatenate every process's rows (axis 0) in process order; the same shape on every process."""
         if self.count == 1:
@@ -98,26 +111,3 @@ class Processes:
     def wait(self) -> None:
         if self.state is not None:
             self.state.wait_for_everyone()
-
-
-def refuse_several_processes(phase: str) -> None:
-    """Phases without a data-parallel split (data, base, cold start, eval) would each run whole in every process
-    and race to write one output: stop them under a multi-process launch."""
-    if launched_world_size() > 1:
-        raise SystemExit(f"the {phase} phase runs in one process; launch it without accelerate / torchrun "
-                         f"(only teacher, baseline and opd split over processes)")
-
-
-def relaunch_if_asked(argv: list[str] | None = None) -> None:
-    """With FLOWOPD_PROCESSES=N > 1 and no launcher around us, run this stage command again under
-    `accelerate launch` with N processes (on GPUs: one per GPU; without: N CPU processes over gloo)."""
-    requested = os.environ.get(PROCESSES_ENV, "1")
-    if not requested.isdigit() or int(requested) < 1:
-        raise SystemExit(f"{PROCESSES_ENV} must be a positive integer, got {requested!r}")
-    if int(requested) == 1 or launched_world_size() > 1:
-        return
-    argv = sys.argv[1:] if argv is None else argv
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", requested,
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", sys.argv[0], *argv]
-    sys.stdout.flush()
-    os.execv(sys.executable, command)

@@ -10,9 +10,12 @@ Tables (all joined on `run_id`):
 - curves:     per training run, step and key (loss, reward, kl, ...): the training curve (curve.csv, long format).
 - artifacts:  every file of the shard and of the model folder: path, sha256, bytes, role.
 
-A run_id is a hash of the shard's content (meta.json + metrics.json), so ingesting a shard twice is a no-op and the
-ledger keeps the history of every run it has seen. One writer: all shards go in one transaction, and a bad shard
-(named with what is wrong) stops the ingest before the ledger is opened. DuckDB lets one process hold a file for
+Run provenance (spec file, times, seconds, git, environment, the curve's timing columns) comes from the run record
+beside each folder (`<folder>.run.json`, flowopd.artifacts); folders from before run records carry it in meta.json.
+A run_id is a hash of the shard's content and its run record (meta.json + metrics.json + the record), so ingesting
+a shard twice is a no-op, a rerun that wrote the same bytes is a new run, and the ledger keeps every run it has
+seen. One writer: all shards go in one transaction, and a bad shard (named with what is wrong) stops the ingest
+before the ledger is opened. DuckDB lets one process hold a file for
 writing (no one else can even read it meanwhile): a held lock is retried a few times, then reported in one line.
 
 duckdb and pyarrow are imported inside functions: `flowopd` start-up (`flowopd spec validate`) stays fast.
@@ -32,7 +35,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from flowopd.artifacts import canonical_hash, sha256_file
+from flowopd.artifacts import canonical_hash, run_record_path, sha256_file
 
 DEFAULT_DB = Path("reports/ledger.duckdb")
 LOCK_TRIES, LOCK_DELAY = 5, 0.25  # seconds before the 2nd try, doubling: 0.25 + 0.5 + 1 + 2 = 3.75 s in all
@@ -104,14 +107,25 @@ def _timestamp(value, where: str) -> datetime | None:
     return moment
 
 
-def run_id_of(meta: dict, metrics: dict) -> str:
-    """Deterministic id of an eval shard: the hash of its meta and metrics (formatting-independent)."""
-    return canonical_hash({"meta": meta, "metrics": metrics})[:16]
+def run_id_of(meta: dict, metrics: dict, run: dict | None = None) -> str:
+    """Deterministic id of an eval run: the hash of its meta, metrics and run record (formatting-independent)."""
+    return canonical_hash({"meta": meta, "metrics": metrics} | ({"run": run} if run is not None else {}))[:16]
+
+
+def _read_run(folder: Path) -> dict | None:
+    """The run record beside `folder` (None if absent); a bad one is named."""
+    path = run_record_path(folder)
+    if not path.is_file():
+        return None
+    run = _read_json(path)
+    if not isinstance(run, dict):
+        raise LedgerError(f"{path}: not a JSON object")
+    return run
 
 
 def shard_run_id(folder: str | Path) -> str:
     folder = Path(folder)
-    return run_id_of(_read_json(folder / "meta.json"), _read_json(folder / "metrics.json"))
+    return run_id_of(_read_json(folder / "meta.json"), _read_json(folder / "metrics.json"), _read_run(folder))
 
 
 @dataclass
@@ -137,19 +151,32 @@ class Rows:
         }
 
 
-def _run_row(meta: dict, where: str, **extra) -> dict:
-    packages = meta.get("packages")
+def _run_row(meta: dict, run: dict | None, where: str, **extra) -> dict:
+    """A runs row from a folder's meta.json and its run record (`meta` column: both, the record's keys winning)."""
+    facts = meta | (run or {})
+    packages = facts.get("packages")
     return {
-        **{k: meta.get(k) for k in ("phase", "spec_name", "spec_label", "spec_hash", "sections_hash", "git_rev",
-                                    "python", "platform", "device")},
-        "git_dirty": meta.get("git_dirty") if isinstance(meta.get("git_dirty"), bool) else None,
+        **{k: facts.get(k) for k in ("phase", "spec_name", "spec_label", "spec_hash", "sections_hash", "git_rev",
+                                     "python", "platform", "device")},
+        "git_dirty": facts.get("git_dirty") if isinstance(facts.get("git_dirty"), bool) else None,
         "packages": None if packages is None else json.dumps(packages, sort_keys=True),
-        "started": _timestamp(meta.get("started"), f"{where}: started"),
-        "finished": _timestamp(meta.get("finished"), f"{where}: finished"),
-        "seconds": None if meta.get("seconds") is None else _number(meta["seconds"], f"{where}: seconds"),
-        "meta": json.dumps(meta, sort_keys=True),
+        "started": _timestamp(facts.get("started"), f"{where}: started"),
+        "finished": _timestamp(facts.get("finished"), f"{where}: finished"),
+        "seconds": None if facts.get("seconds") is None else _number(facts["seconds"], f"{where}: seconds"),
+        "meta": json.dumps(facts, sort_keys=True),
         **extra,
     }
+
+
+def _timing_points(run: dict | None, where: str) -> list[tuple[int, str, float]]:
+    """The run record's curve timing (seconds, rollout_s, ...) as (step, key, value), like read_curve."""
+    points = []
+    for row in (run or {}).get("curve_timing") or []:
+        if not isinstance(row, dict) or isinstance(row.get("step"), bool) or not isinstance(row.get("step"), int):
+            raise LedgerError(f"{where}: curve_timing: {row!r} has no integer step")
+        points += [(row["step"], key, _number(value, f"{where}: curve_timing step {row['step']} {key}"))
+                   for key, value in row.items() if key != "step" and value is not None]
+    return points
 
 
 def _add_files(rows: Rows, run_id: str, folder: Path, known: dict[str, str]) -> None:
@@ -192,13 +219,14 @@ def _add_training_run(rows: Rows, model_dir: Path, label: str) -> str | None:
         raise LedgerError(f"{model_dir}/meta.json: not a JSON object")
     curve_path = model_dir / "curve.csv"
     curve = read_curve(curve_path) if curve_path.is_file() else []
-    run_id = canonical_hash({"meta": meta, "curve": curve})[:16]
+    run = _read_run(model_dir)
+    run_id = canonical_hash({"meta": meta, "curve": curve} | ({"run": run} if run is not None else {}))[:16]
     if run_id in rows.run_ids:
         return run_id
     rows.run_ids.add(run_id)
-    rows.add("runs", **_run_row(meta, f"{model_dir}/meta.json", run_id=run_id, model=label,
+    rows.add("runs", **_run_row(meta, run, f"{model_dir}/meta.json", run_id=run_id, model=label,
                                 model_sha256=meta.get("weights_sha256"), shard=model_dir.as_posix()))
-    for step, key, value in curve:
+    for step, key, value in curve + _timing_points(run, run_record_path(model_dir).as_posix()):
         rows.add("curves", run_id=run_id, step=step, key=key, value=value)
     _add_files(rows, run_id, model_dir, {"model.safetensors": meta.get("weights_sha256")})
     return run_id
@@ -278,9 +306,14 @@ def read_shard(rows: Rows, folder: str | Path) -> str:
         raise LedgerError(f"{folder}/meta.json: not a JSON object")
     if meta.get("phase") != "eval":
         raise LedgerError(f"{folder}/meta.json: phase is {meta.get('phase')!r}, not an eval shard")
+    run = _read_run(folder)
+    facts = meta | (run or {})
     for key in ("model", "spec_hash", "spec_name"):
-        if not isinstance(meta.get(key), str) or not meta[key]:
-            raise LedgerError(f"{folder}/meta.json: {key}: missing")
+        if not isinstance(facts.get(key), str) or not facts[key]:
+            if key != "model" and run is None:
+                raise LedgerError(f"{run_record_path(folder)}: missing (the run record names the shard's spec)")
+            where = f"{folder}/meta.json" if key == "model" else run_record_path(folder)
+            raise LedgerError(f"{where}: {key}: missing")
     record = _check_metrics(_read_json(folder / "metrics.json"), f"{folder}/metrics.json")
     samples = read_samples(folder / "samples.jsonl", record)
     spec = _read_json(folder / "spec.json")
@@ -289,7 +322,7 @@ def read_shard(rows: Rows, folder: str | Path) -> str:
     evaluation = spec.get("evaluation") if isinstance(spec.get("evaluation"), dict) else {}
     order = evaluation.get("benchmarks")
     order = list(order) if isinstance(order, list) else sorted(record["benchmarks"])
-    run_id = run_id_of(meta, record)
+    run_id = run_id_of(meta, record, run)
     if run_id in rows.run_ids:  # the same shard twice in one call
         return run_id
     benchmark_rows = []
@@ -304,7 +337,7 @@ def read_shard(rows: Rows, folder: str | Path) -> str:
     model_dir = meta.get("model_dir")
     parent = _add_training_run(rows, Path(model_dir), meta["model"]) if isinstance(model_dir, str) else None
     rows.run_ids.add(run_id)
-    rows.add("runs", **_run_row(meta, f"{folder}/meta.json", run_id=run_id, parent_run_id=parent,
+    rows.add("runs", **_run_row(meta, run, f"{folder}/meta.json", run_id=run_id, parent_run_id=parent,
                                 model=meta["model"], model_sha256=meta.get("model_sha256"),
                                 model_sections_hash=meta.get("model_sections_hash"), shard=folder.as_posix()))
     for row in benchmark_rows:

@@ -554,6 +554,7 @@ def sd3_models(spec, init_dir: Path, names: list[str], teacher_dirs: dict, devic
 def stage_main(argv: list[str] | None = None) -> None:
     """Command line of stages/opd.py (FLOWOPD_PROCESSES=N: N processes)."""
     from flowopd.cold_start import parse_teacher_dirs, stage_parser
+    from flowopd.phases import check_stage_key
     from flowopd.spec import load_spec_or_exit
 
     if argv is None:
@@ -565,5 +566,6 @@ def stage_main(argv: list[str] | None = None) -> None:
     if args.data is None:
         parser.error("--data is required: OPD rolls out on the train prompts")
     spec = load_spec_or_exit(args.spec)
+    check_stage_key(spec, args.spec, "opd", args.out)
     teacher_dirs = parse_teacher_dirs(args.teacher, spec)
     run_opd(spec, args.init, args.base, teacher_dirs, args.data, args.out, args.curve, not args.no_progress)

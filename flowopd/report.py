@@ -283,7 +283,7 @@ def _one_line(action) -> int:
 
 def cmd_build(args) -> int:
     def action():
-        table = build(args.shards, args.db, args.out)
+        table = build(args.shards, args.db, args.out, args.quality_benchmark)
         print(f"{args.out}: main table of {table.height} model(s), plots, grids, README.md")
 
     return _one_line(action)
@@ -343,6 +343,8 @@ def _build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("shards", nargs="+", metavar="SHARD", help="the current eval shard folders")
     parser.add_argument("--db", type=Path, default=DEFAULT_DB, help=f"ledger file (default {DEFAULT_DB})")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"report folder (default {DEFAULT_OUT})")
+    parser.add_argument("--quality-benchmark", default="quality",
+                        help="the benchmark of the MAR table (the MAR anchor's task; default quality)")
 
 
 def _runs_arguments(parser: argparse.ArgumentParser) -> None:

@@ -118,6 +118,7 @@ def _run_phase(spec, phase, sub_spec, section, base_dir, out, curve_path, progre
 
 def stage_main(phase: str, argv: list[str] | None = None) -> None:
     """Command line of stages/teacher.py and stages/baseline.py (FLOWOPD_PROCESSES=N: N processes)."""
+    from flowopd.phases import check_stage_key
     from flowopd.spec import load_spec_or_exit
 
     if argv is None:
@@ -134,6 +135,7 @@ def stage_main(phase: str, argv: list[str] | None = None) -> None:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     spec = load_spec_or_exit(args.spec)
+    check_stage_key(spec, args.spec, phase, args.out, getattr(args, "teacher", None))
     if phase == "teacher":
         if args.teacher not in spec.teachers:
             raise SystemExit(f"unknown teacher {args.teacher!r}; the spec has {', '.join(spec.teachers)}")

@@ -152,7 +152,7 @@ def run_training(trainer: Trainer, *, spec, phase: str, out: Path, sub_spec: dic
         weights_file = save_policy(trainer.bundle, folder, trainer.lora)
         write_curve(folder / "curve.csv", curve)
         write_provenance(
-            folder, phase, sub_spec, **spec_identity(spec), **provenance, processes=processes.count,
+            folder, phase, sub_spec, **spec_identity(spec), **provenance, curve=curve, processes=processes.count,
             lora=trainer.lora is not None, trainable_parameters=sum(p.numel() for p in trainer.params),
             steps=settings.steps, train_seconds=curve[-1]["seconds"], started=started, finished=now(),
             seconds=round(time.time() - start, 2), weights_sha256=sha256_file(weights_file),

@@ -16,7 +16,9 @@ import torch
 from safetensors.torch import load_file
 
 from flowopd import cold_start, phases
+from flowopd.artifacts import read_run_record
 from flowopd.distributed import Processes, relaunch_if_asked
+from flowopd.launch import launch_command
 from flowopd.models.tiny import TinyBundle
 from flowopd.opd import run_opd
 from flowopd.phases import run_data
@@ -66,10 +68,30 @@ def test_a_batch_that_does_not_split_is_refused():
 
 def test_phases_without_a_split_refuse_a_multi_process_launch(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(SystemExit, match="the cold_start phase runs in one process"):
+    with pytest.raises(SystemExit, match="the cold_start phase runs in one process"):  # a merge
         cold_start.stage_main(["--spec", str(MICRO), "--out", "unused"])
-    with pytest.raises(SystemExit, match="the eval phase runs in one process"):
-        phases.stage_main("eval", ["--spec", str(MICRO), "--out", "unused"])
+    for phase in ("data", "base"):
+        with pytest.raises(SystemExit, match=f"the {phase} phase runs in one process"):
+            phases.stage_main(phase, ["--spec", str(MICRO), "--out", "unused"])
+
+
+def test_a_stage_relaunches_itself_under_accelerate_as_asked(monkeypatch, tmp_path):
+    monkeypatch.delenv("FLOWOPD_PROCESSES", raising=False)
+    monkeypatch.delenv("FLOWOPD_ACCELERATE_CONFIG", raising=False)
+    assert launch_command(["--spec", "s.yaml"]) is None
+    monkeypatch.setenv("FLOWOPD_PROCESSES", "4")
+    command = launch_command(["--spec", "s.yaml"])
+    assert command[1:3] == ["-m", "accelerate.commands.launch"] and command[-2:] == ["--spec", "s.yaml"]
+    assert command[command.index("--num_processes") + 1] == "4"
+    config = tmp_path / "accelerate.yaml"
+    monkeypatch.setenv("FLOWOPD_ACCELERATE_CONFIG", str(config))
+    with pytest.raises(SystemExit, match="no accelerate config file"):
+        launch_command([])
+    config.write_text("num_processes: 8\n")
+    command = launch_command([])
+    assert command[command.index("--config_file") + 1] == str(config) and "--num_processes" in command
+    monkeypatch.delenv("FLOWOPD_PROCESSES")
+    assert "--num_processes" not in launch_command([])  # the config file's count
 
 
 def test_a_bad_process_count_is_refused(monkeypatch):
@@ -127,8 +149,10 @@ def test_two_processes_train_the_teacher_of_one(inputs):
     launch("teacher", 2, "--spec", spec_file, "--teacher", "quality", "--base", root / "base", "--data",
            root / "data", "--out", root / "teacher_2")
     assert_same_weights(root / "teacher_1", root / "teacher_2")
-    meta = json.loads((root / "teacher_2" / "meta.json").read_text())
-    assert meta["processes"] == 2
+    assert read_run_record(root / "teacher_2")["processes"] == 2  # provenance, not part of the artifact
+    one, two = ({k: v for k, v in json.loads((root / f"teacher_{n}" / "meta.json").read_text()).items()
+                 if k != "weights_sha256"} for n in (1, 2))
+    assert one == two  # the process count is not in the artifact; the weights differ in float summation order
     one, two = (Path(root / f"teacher_{n}" / "curve.csv").read_text().splitlines() for n in (1, 2))
     assert one[0] == two[0] and len(one) == len(two) == 1 + GRPO["steps"]
 
@@ -156,7 +180,7 @@ def test_two_processes_distil_the_student_of_one(inputs):
     launch("opd", 2, "--spec", spec_file, "--init", root / "base", "--base", root / "base", "--data", root / "data",
            "--out", root / "student_2", *[f"--teacher={name}={folder}" for name, folder in teachers.items()])
     assert_same_weights(root / "student_1", root / "student_2")
-    assert json.loads((root / "student_2" / "meta.json").read_text())["processes"] == 2
+    assert read_run_record(root / "student_2")["processes"] == 2
     assert_same_curves(root / "student_1", root / "student_2", ("reward", "kl", "v_mse", "loss", "mar_kl"))
 
 
@@ -179,3 +203,45 @@ def test_two_processes_distil_by_velocity_mse_like_one(inputs, tmp_path):
     (tmp_path / "base").symlink_to(root / "base")  # assert_same_weights compares against <parent>/base
     assert_same_weights(tmp_path / "student_1", tmp_path / "student_2")
     assert_same_curves(tmp_path / "student_1", tmp_path / "student_2", ("reward", "v_mse", "loss", "mar_kl"))
+
+
+@pytest.mark.distributed
+def test_two_processes_fit_the_sft_cold_start_of_one(inputs):
+    """Odd chunks (7 text prompts x 3 samples) are sampled whole by each process, even ones split; the scoring and
+    every SFT batch split too."""
+    root, spec_file, _ = inputs
+    sft_file = root / "sft.yaml"
+    sft_file.write_text(f"extends: {spec_file}\ntasks: {{text: {{prompts: {{n_train: 7}}}}}}\ncold_start: "
+                        "{method: sft, steps: 3, batch_size: 4, lr: 1.0e-3, samples_per_prompt: 3, "
+                        "best_of_group: true, sampler: {steps: 2}}\n")
+    spec = load_spec(sft_file)
+    run_data(spec, root / "sft_data")
+    teachers = {name: root / "base" for name in ("text", "objects", "quality")}
+    cold_start.run_cold_start(spec, root / "base", teachers, root / "sft_data", root / "sft_1", progress=False)
+    launch("cold_start", 2, "--spec", sft_file, "--base", root / "base", "--data", root / "sft_data", "--out",
+           root / "sft_2", *[f"--teacher={name}={folder}" for name, folder in teachers.items()])
+    assert_same_weights(root / "sft_1", root / "sft_2")
+    assert read_run_record(root / "sft_2")["processes"] == 2
+    one, two = (json.loads((root / f"sft_{n}" / "meta.json").read_text()) for n in (1, 2))
+    assert one["samples"] == two["samples"] == 8 + 7 + 8 and one["routing"] == two["routing"]
+
+
+@pytest.mark.distributed
+def test_two_processes_evaluate_like_one(inputs):
+    """66 test prompts per task: two sampling batches of 64 and 2, one per process; the same images, scores,
+    grids and metrics as one process."""
+    root, spec_file, spec = inputs
+    if not (root / "teacher_1").exists():
+        run_teacher(spec, "quality", root / "base", root / "data", root / "teacher_1", progress=False)
+    eval_file = root / "eval.yaml"
+    eval_file.write_text(f"extends: {spec_file}\ntasks:\n" + "".join(
+        f"  {task}: {{prompts: {{n_test: 66}}}}\n" for task in ("text", "objects", "quality")))
+    run_data(load_spec(eval_file), root / "eval_data")
+    for processes in (1, 2):
+        launch("eval", processes, "--spec", eval_file, "--model", root / "teacher_1", "--data", root / "eval_data",
+               "--label", "base", "--out", root / f"eval_{processes}")
+    one, two = root / "eval_1", root / "eval_2"
+    assert json.loads((one / "metrics.json").read_text())["benchmarks"]["text"]["n"] == 66
+    for name in ("metrics.json", "samples.jsonl", "grid_text.png", "grid_objects.png", "meta.json"):
+        assert (one / name).read_bytes() == (two / name).read_bytes(), name
+    assert read_run_record(two)["processes"] == 2

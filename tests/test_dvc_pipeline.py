@@ -1,36 +1,23 @@
 """`dvc repro` on micro specs in a scratch repository: what reruns after an edit, and what two specs share."""
 
-import os
-import re
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from dvc_repo import MICRO, ran, run, scratch_repo
 
 from flowopd import pipeline
 
-ROOT = Path(__file__).resolve().parents[1]
-MICRO = (ROOT / "tests/data/micro.yaml").read_text().replace("../../specs/flow_opd.yaml", "parent/flow_opd.yaml")
 TRAINING = {"teacher", "baseline", "cold_start", "opd"}
 # Minutes of `dvc repro` (each stage process imports torch and diffusers): behind the slow marker.
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("git") is None, reason="dvc needs git")]
 
 
-def run(tree: Path, *args: str) -> str:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    done = subprocess.run(args, cwd=tree, env=env, capture_output=True, text=True, check=False)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return done.stdout
-
-
-def repro(tree: Path) -> set[str]:
+def repro(tree) -> set[str]:
     """Write dvc.yaml from the specs, run `dvc repro`, return the names of the stages that ran."""
     pipeline.write(tree)
-    ran = set(re.findall(r"Running stage '([^']+)'", run(tree, "dvc", "repro")))
-    assert "up to date" in run(tree, "dvc", "status")
-    return ran
+    stages = ran(run(tree, "dvc", "repro").stdout)
+    assert "up to date" in run(tree, "dvc", "status").stdout
+    return stages
 
 
 def phases(stages: set[str]) -> set[str]:
@@ -39,16 +26,7 @@ def phases(stages: set[str]) -> set[str]:
 
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory):
-    tree = tmp_path_factory.mktemp("repo")
-    for folder in ("flowopd", "stages"):
-        shutil.copytree(ROOT / folder, tree / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    (tree / "specs/parent").mkdir(parents=True)
-    shutil.copy(ROOT / "specs/flow_opd.yaml", tree / "specs/parent")  # outside the pipeline globs: not run itself
-    (tree / "specs/micro.yaml").write_text(MICRO)
-    run(tree, "git", "init", "-q")
-    run(tree, "dvc", "init", "-q")
-    run(tree, "dvc", "config", "core.analytics", "false")
-    return tree
+    return scratch_repo(tmp_path_factory.mktemp("repo"), {"micro.yaml": MICRO})
 
 
 def test_dvc_repro_reruns_only_what_an_edit_changes(tree):

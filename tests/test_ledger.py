@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from flowopd import ledger
+from flowopd.artifacts import RUN_FACTS, run_record_path
 from flowopd.cli import main
 from flowopd.ledger import LedgerError, ingest, query, shard_run_id
 
@@ -167,6 +168,52 @@ def test_changed_shard_adds_a_run_and_keeps_history(tmp_path, shards):
     rerun = make_shard(tmp_path / "rerun/a", values={t: {h: [0.7, 0.9]} for t, (h, _) in TASKS.items()})
     new, _ = ingest([rerun], db)
     assert new == [shard_run_id(rerun)] and counts(db)["runs"] == 4
+
+
+def move_provenance_beside(folder: Path) -> dict:
+    """Rewrite a folder as the stages write it now: meta.json keeps what the inputs determine, the run facts go to
+    `<folder>.run.json` with the curve's timing column. Returns the run record."""
+    meta = json.loads((folder / "meta.json").read_text())
+    moved = (*RUN_FACTS, "git_rev", "git_dirty", "python", "platform", "packages", "device")
+    run = {key: meta.pop(key) for key in moved if key in meta}
+    curve = folder / "curve.csv"
+    if curve.exists():
+        rows = list(csv.DictReader(curve.read_text().splitlines()))
+        run["curve_timing"] = [{"step": int(r["step"]), "seconds": float(r["seconds"])} for r in rows]
+        curve.write_text("step,loss\n" + "".join(f"{r['step']},{r['loss']}\n" for r in rows))
+    (folder / "meta.json").write_text(json.dumps(meta))
+    run_record_path(folder).write_text(json.dumps(run))
+    return run
+
+
+def test_run_provenance_comes_from_the_record_beside_and_a_rerun_is_a_new_run(tmp_path):
+    model = make_model(tmp_path / "artifacts/base/m1")
+    shard = make_shard(tmp_path / "artifacts/eval/a", model_dir=model)
+    run = move_provenance_beside(shard)
+    move_provenance_beside(model)
+    assert "seconds" not in json.loads((shard / "meta.json").read_text())
+    db = tmp_path / "ledger.duckdb"
+    (first,), _ = ingest([shard], db)
+    _, rows = query(f"SELECT spec_name, seconds, git_dirty, finished, parent_run_id FROM runs WHERE run_id = '{first}'",
+                    db)
+    name, seconds, dirty, finished, parent = rows[0]
+    assert (name, seconds, dirty, finished.isoformat()) == ("flow_opd", 12.5, True, "2025-01-02T00:00:00")
+    _, rows = query(f"SELECT key, value FROM curves WHERE run_id = '{parent}' AND step = 3 ORDER BY key", db)
+    assert rows == [("loss", 0.25), ("seconds", pytest.approx(0.3))]  # timing back from the run record
+    # The same bytes rerun later (a forced `dvc repro`): only the run record changes, and the ledger keeps both.
+    run_record_path(shard).write_text(json.dumps(run | {"finished": "2025-02-01T00:00:00+00:00", "seconds": 9.0}))
+    (second,), _ = ingest([shard], db)
+    assert second != first and second == shard_run_id(shard)
+    _, rows = query("SELECT seconds FROM runs WHERE phase = 'eval' ORDER BY finished", db)
+    assert rows == [(12.5,), (9.0,)]
+
+
+def test_a_shard_without_its_run_record_is_named(tmp_path):
+    shard = make_shard(tmp_path / "artifacts/eval/a")
+    move_provenance_beside(shard)
+    run_record_path(shard).unlink()
+    with pytest.raises(LedgerError, match=r"a\.run\.json: missing \(the run record names the shard's spec\)"):
+        ingest([shard], tmp_path / "ledger.duckdb")
 
 
 @pytest.mark.parametrize("damage, message", [

@@ -86,8 +86,8 @@ def test_editing_one_teacher_leaves_the_others(tmp_path):
     assert len(stage_names(tree, "teacher-objects")) == len(stage_names(tree, "teacher-quality")) == 1
     assert len(stage_names(tree, "baseline")) == 1 and len(stage_names(tree, "cold_start")) == 2
     text = next(s for s in stages.values() if s["cmd"].startswith("python stages/teacher.py --spec specs/ablations"))
-    assert text["params"] == [
-        {"specs/flow_opd.yaml": ["seed", "world", "model", "base", "sampler", "tasks.text", "teachers.text"]},
+    assert text["params"] == [  # its own sections only: the base's and the tasks' reach it through their folders
+        {"specs/flow_opd.yaml": ["sampler", "teachers.text"]},
         {"specs/ablations/text_lr.yaml": ["teachers.text"]},
     ]
 
@@ -97,7 +97,52 @@ def test_params_come_from_every_file_of_the_extends_chain(tmp_path):
     stages = pipeline.build(tree)["stages"]
     base = next(s for s in stages.values() if "--spec specs/ablations/longer.yaml" in s["cmd"]
                 and s["cmd"].startswith("python stages/base.py"))
-    assert base["params"] == [{"specs/flow_opd.yaml": ["seed", "world", "model", "base"]},
-                              {"specs/ablations/longer.yaml": ["base"]}]
+    assert base["params"] == [{"specs/flow_opd.yaml": ["model", "base"]}, {"specs/ablations/longer.yaml": ["base"]}]
     rendered = yaml.safe_load(pipeline.render(tree))
     assert rendered == pipeline.build(tree)
+
+
+def test_every_section_of_a_stage_key_is_some_stages_param(tmp_path):
+    """A section edited without re-keying (`dvc exp run -S`) reruns the stage that owns it, which refuses."""
+    tree = make_tree(tmp_path, sft="cold_start: {method: sft, steps: 3}\n")
+    listed = {key.split(".")[0] for stage in pipeline.build(tree)["stages"].values()
+              for entry in stage.get("params", []) for keys in entry.values() for key in keys}
+    assert listed == {"seed", "world", "tasks", "model", "base", "sampler", "teachers", "baseline", "router",
+                      "cold_start", "opd", "mar", "evaluation"}
+
+
+def test_write_drops_the_lock_entries_of_removed_stages_and_keeps_the_rest_byte_for_byte(tmp_path):
+    tree = make_tree(tmp_path)
+    pipeline.write(tree)
+    live = next(iter(yaml.safe_load((tree / "dvc.yaml").read_text())["stages"]))
+    entry = (f"  {live}:\n    cmd: python stages/data.py --spec specs/flow_opd.yaml --out \n"
+             "      artifacts/data/x\n    outs:\n    - path: artifacts/data/x\n      hash: md5\n")
+    dead = "  data-0123456789:\n    cmd: python stages/data.py\n    params:\n      specs/flow_opd.yaml:\n        seed: 0\n"
+    (tree / "dvc.lock").write_text("schema: '2.0'\nstages:\n" + dead + entry + dead.replace("0123", "9876"))
+    pipeline.write(tree)
+    assert (tree / "dvc.lock").read_text() == "schema: '2.0'\nstages:\n" + entry
+
+
+def test_the_sd3_specs_make_their_own_pipeline_with_the_same_rules():
+    """sd3/dvc.yaml: stages run from the repository root, write under artifacts/sd3 and reports/sd3, share what
+    the three specs agree on, and the data stage depends on the prompt files."""
+    stages = pipeline.build(ROOT, pipeline.PIPELINES[1])["stages"]
+    by_phase = {}
+    for name in stages:
+        by_phase.setdefault(name.split("-")[0], []).append(name)
+    assert {phase: len(names) for phase, names in by_phase.items()} == {
+        "data": 1, "teacher": 4, "baseline": 1, "cold_start": 2, "opd": 3, "eval": 8, "ledger": 1, "report": 1}
+    assert all(stage["wdir"] == ".." for stage in stages.values())
+    outs = [o if isinstance(o, str) else next(iter(o)) for s in stages.values() for o in s["outs"]]
+    assert all(o.startswith(("artifacts/sd3/", "reports/sd3/")) for o in outs)
+    (data,) = (stages[n] for n in by_phase["data"])
+    assert "data/sd3/ocr/train.txt" in data["deps"] and "data/sd3/geneval/test_metadata.jsonl" in data["deps"]
+    teacher = stages[by_phase["teacher"][0]]
+    assert teacher["cmd"].startswith("python stages/teacher.py --spec specs/sd3/flow_opd.yaml")
+    assert "model" in teacher["params"][0]["specs/sd3/flow_opd.yaml"]  # no base stage owns it
+    labels = sorted(stages[n]["cmd"].split("--label ")[1].split()[0] for n in by_phase["eval"])
+    assert labels == ["flow_opd", "flow_opd:no_mar", "flow_opd:sft_init", "mixed_grpo", "teacher:deqa",
+                      "teacher:geneval", "teacher:ocr", "teacher:pickscore"]
+    assert "--db reports/sd3/ledger.duckdb" in stages["ledger"]["cmd"]
+    assert "--quality-benchmark deqa" in stages["report"]["cmd"]  # the MAR anchor's task: the MAR table
+    assert yaml.safe_load((ROOT / "sd3/dvc.yaml").read_text()) == pipeline.build(ROOT, pipeline.PIPELINES[1])

@@ -25,11 +25,14 @@ PROMPTS = [FilePrompt(text=f"prompt number {i}", task="t", metadata={"include": 
 # ---------------------------------------------------------------- PickScore
 @pytest.fixture(scope="module")
 def clip_folder(tmp_path_factory):
+    return save_tiny_clip(tmp_path_factory.mktemp("pickscore"))
+
+
+def save_tiny_clip(folder):
     """A tiny random CLIPModel and its processor, saved like yuvalkirstain/PickScore_v1 would be."""
     from tokenizers import pre_tokenizers
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
-    folder = tmp_path_factory.mktemp("pickscore")
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for char in sorted(pre_tokenizers.ByteLevel.alphabet()):
         vocab[char] = len(vocab)

@@ -23,7 +23,8 @@ def test_the_sd3_folder_has_the_papers_runs():
 def test_sd3_spec_validates_with_published_settings(path):
     spec = load_spec(path)
     lines = path.read_text().splitlines()
-    assert lines[0].startswith("# Run: ") and f"--spec specs/sd3/{path.name}" in lines[0]
+    assert lines[0].startswith("# Run: flowopd pipeline write && dvc repro sd3/dvc.yaml")
+    assert f"specs/sd3/{path.name}" in lines[0]
     assert lines[1] == "# yaml-language-server: $schema=../schema.json"
     model = spec.model
     assert (model.kind, model.pretrained, model.resolution) == ("sd3", "stabilityai/stable-diffusion-3.5-medium", 512)

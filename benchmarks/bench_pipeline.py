@@ -1,0 +1,182 @@
+"""The pipeline's fixed cost: process start-up and DVC bookkeeping around the stages' own seconds.
+
+    records  (default) a finished pipeline's run records (`<out>.run.json` beside each stage folder of dvc.yaml, or
+             of --dvc-yaml): per stage, in run order, its start-up (process start to the phase's clock), its seconds
+             and the gap before it (the previous stage's finish to this process's start: DVC's bookkeeping). Then the
+             span (first process start to last finish), the sum of the stages' seconds and the fixed cost = span - sum;
+             with --wall S (the timed `dvc repro`, e.g. `/usr/bin/time -f %e make repro` minus the install) also
+             wall - sum, the definition of the 290 s measured before (the ledger and report stages, which write no
+             run record, and DVC's own start-up are in it, not in the span).
+    startup  every stage command once on the micro spec (tests/data/micro.yaml) in a scratch folder: the process's
+             wall time, its seconds (run record, or meta.json for code from before run records) and the difference,
+             i.e. what a stage costs outside its clock. --code DIR runs another checkout's flowopd and stages/
+             (e.g. `git archive <rev> | tar -x -C DIR`) with the same commands. Also times the model import
+             (`flowopd.models.tiny`, diffusers' SD3 transformer) that runs inside the clock of the tiny model stages.
+
+    .venv/bin/python benchmarks/bench_pipeline.py records --wall 1751
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_pipeline.py startup [--code DIR] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SAME_RUN_GAP = 600.0  # seconds: a longer gap between two records means they come from different `dvc repro` runs
+
+
+# ---------------------------------------------------------------- records of a finished pipeline
+def stage_records(dvc_yaml: Path) -> list[tuple[str, dict]]:
+    """(stage name, run record) of every stage of dvc.yaml whose first output has a run record, in run order."""
+    stages = yaml.safe_load(dvc_yaml.read_text())["stages"]
+    found = []
+    for name, stage in stages.items():
+        outs = [o if isinstance(o, str) else next(iter(o)) for o in stage.get("outs", [])]
+        path = dvc_yaml.parent / (outs[0] + ".run.json") if outs else None
+        if path is not None and path.is_file():
+            record = json.loads(path.read_text())
+            if record.get("process_started") and record.get("finished"):
+                found.append((name, record))
+    return sorted(found, key=lambda item: item[1]["process_started"])
+
+
+def moment(text: str) -> float:
+    return datetime.fromisoformat(text).timestamp()
+
+
+def latest_run(records: list[tuple[str, dict]]) -> tuple[list[tuple[str, dict]], int]:
+    """The records of the last `dvc repro` run (no gap over SAME_RUN_GAP between them); and how many are older."""
+    first = 0
+    for i in range(1, len(records)):
+        if moment(records[i][1]["process_started"]) - moment(records[i - 1][1]["finished"]) > SAME_RUN_GAP:
+            first = i
+    return records[first:], first
+
+
+def report_records(dvc_yaml: Path, wall: float | None) -> None:
+    records, older = latest_run(stage_records(dvc_yaml))
+    if not records:
+        raise SystemExit(f"no run records with process start times beside the stage folders of {dvc_yaml}")
+    print(f"{'stage':44s} {'gap s':>7s} {'start-up s':>10s} {'seconds':>9s}")
+    previous, startups, gaps, seconds = None, [], [], []
+    for name, record in records:
+        gap = None if previous is None else moment(record["process_started"]) - moment(previous["finished"])
+        startup, own = record.get("startup_seconds"), record.get("seconds") or 0.0
+        print(f"{name[:44]:44s} {'' if gap is None else f'{gap:7.2f}':>7s} "
+              f"{'' if startup is None else f'{startup:10.2f}':>10s} {own:9.2f}")
+        gaps += [] if gap is None else [gap]
+        startups += [] if startup is None else [startup]
+        seconds.append(own)
+        previous = record
+    span = moment(records[-1][1]["finished"]) - moment(records[0][1]["process_started"])
+    print(f"\n{len(records)} stages with run records" + (f" ({older} older ones, from an earlier run, left out)"
+                                                         if older else ""))
+    print(f"sum of the stages' seconds:            {sum(seconds):8.1f} s")
+    print(f"start-up (process start to the clock): {sum(startups):8.1f} s  (mean {mean(startups):.2f} s, "
+          f"max {max(startups, default=0):.2f} s per stage)")
+    print(f"gaps between stages (DVC bookkeeping): {sum(gaps):8.1f} s  (mean {mean(gaps):.2f} s)")
+    print(f"span, first start to last finish:      {span:8.1f} s; fixed cost span - seconds: {span - sum(seconds):.1f} s")
+    if wall is not None:
+        print(f"wall {wall:.1f} s; fixed cost wall - seconds: {wall - sum(seconds):.1f} s")
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+# ---------------------------------------------------------------- start-up of each stage command
+def stage_commands(spec: Path, tmp: Path) -> list[tuple[str, list[str], Path | None]]:
+    """(name, arguments after `python`, output folder or None) for every phase of the micro spec, in order."""
+    teachers = [f"--teacher={name}={tmp / 'teacher'}" for name in ("text", "objects", "quality")]
+    common = ["--spec", str(spec), "--data", str(tmp / "data"), "--base", str(tmp / "base")]
+    quiet = ["--no-progress"]
+    return [
+        ("data", ["stages/data.py", "--spec", str(spec), "--out", str(tmp / "data")], tmp / "data"),
+        ("base", ["stages/base.py", "--spec", str(spec), "--out", str(tmp / "base"), *quiet], tmp / "base"),
+        ("teacher", ["stages/teacher.py", *common, "--teacher", "text", "--out", str(tmp / "teacher"), *quiet],
+         tmp / "teacher"),
+        ("baseline", ["stages/baseline.py", *common, "--out", str(tmp / "baseline"), *quiet], tmp / "baseline"),
+        ("cold_start", ["stages/cold_start.py", *common, *teachers, "--out", str(tmp / "cold_start"), *quiet],
+         tmp / "cold_start"),
+        ("opd", ["stages/opd.py", *common, *teachers, "--init", str(tmp / "cold_start"), "--out", str(tmp / "opd"),
+                 *quiet], tmp / "opd"),
+        ("eval", ["stages/eval.py", "--spec", str(spec), "--model", str(tmp / "opd"), "--data", str(tmp / "data"),
+                  "--label", "micro", "--out", str(tmp / "eval"), *quiet], tmp / "eval"),
+        ("ledger", ["stages/ledger.py", "--db", str(tmp / "ledger.duckdb"), str(tmp / "eval")], None),
+        ("report", ["stages/report.py", "--db", str(tmp / "ledger.duckdb"), "--out", str(tmp / "report"),
+                    str(tmp / "eval")], None),
+    ]
+
+
+def stage_seconds(folder: Path | None) -> float:
+    """The phase's own seconds: its run record, else meta.json (code from before run records); 0 without a folder."""
+    if folder is None:
+        return 0.0
+    for path in (folder.with_name(folder.name + ".run.json"), folder / "meta.json"):
+        if path.is_file() and "seconds" in json.loads(path.read_text()):
+            return float(json.loads(path.read_text())["seconds"])
+    return 0.0
+
+
+def timed(command: list[str], cwd: Path, env: dict) -> float:
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise SystemExit(f"{' '.join(command)} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+    return time.perf_counter() - start
+
+
+def report_startup(code: Path, repeat: int) -> None:
+    env = os.environ | {"PYTHONPATH": str(code), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    spec = code / "tests/data/micro.yaml"
+    print(f"code: {code}; each stage on {spec.relative_to(code)}, best of {repeat}")
+    print(f"{'stage':11s} {'wall s':>7s} {'seconds':>8s} {'outside s':>9s}")
+    outside_all = []
+    with tempfile.TemporaryDirectory() as folder:
+        tmp = Path(folder)
+        for name, args, out in stage_commands(spec, tmp):
+            best = None
+            for _ in range(repeat):
+                wall = timed([sys.executable, *args], code, env)
+                own = stage_seconds(out)
+                if best is None or wall - own < best[0] - best[1]:
+                    best = (wall, own)
+            wall, own = best
+            outside_all.append(wall - own)
+            print(f"{name:11s} {wall:7.2f} {own:8.2f} {wall - own:9.2f}")
+    print(f"mean outside the clock: {mean(outside_all):.2f} s per stage")
+    probe = ("import time, torch; t = time.perf_counter(); import flowopd.models.tiny; "
+             "print(f'{time.perf_counter() - t:.2f}')")
+    inside = min(float(subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                                      check=True).stdout) for _ in range(repeat))
+    print(f"model import inside the clock of the tiny model stages (flowopd.models.tiny after torch): {inside:.2f} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="mode")
+    p = sub.add_parser("records", help="a finished pipeline's run records (default)")
+    p.add_argument("--dvc-yaml", type=Path, default=ROOT / "dvc.yaml")
+    p.add_argument("--wall", type=float, help="wall seconds of the timed `dvc repro`")
+    p = sub.add_parser("startup", help="each stage command once on the micro spec")
+    p.add_argument("--code", type=Path, default=ROOT, help="checkout whose flowopd/ and stages/ run")
+    p.add_argument("--repeat", type=int, default=1)
+    args = parser.parse_args()
+    if args.mode == "startup":
+        report_startup(args.code.resolve(), args.repeat)
+    else:
+        report_records(getattr(args, "dvc_yaml", ROOT / "dvc.yaml"), getattr(args, "wall", None))
+
+
+if __name__ == "__main__":
+    main()
