@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     spec = load_spec(args.spec)
     batch = {"prompts_per_step": args.prompts, "group_size": args.group}
     rollout = {} if args.steps is None else {"steps": args.steps}
-    grpo = spec.teachers["ocr"].grpo
+    grpo = spec.teachers["ocr"].method
     grpo = grpo.model_copy(update=batch | {"sampler": grpo.sampler.model_copy(update=rollout)})
     opd = spec.opd.model_copy(update=batch | {"sampler": spec.opd.sampler.model_copy(update=rollout)})
     evaluation = spec.evaluation.sampler.model_copy(update={} if args.eval_steps is None else

@@ -46,11 +46,14 @@ def sample_training_prompts(world: WorldConfig, task_mix: dict[str, float], rng:
     return prompts
 
 
-def make_training_pairs(spec, n: int, rng: np.random.Generator) -> tuple[list[str], np.ndarray]:
-    """Prompts and (possibly flawed) renders: the flaws are what makes the base mediocre."""
+def make_training_pairs(spec, n: int, rng: np.random.Generator) -> tuple[list[str], np.ndarray, dict]:
+    """Prompts, their (possibly flawed) renders, and {pair index: bad-mode render} for the pairs drawn into their
+    task's bad mode (base.bad_modes). Without base.bad_modes_from those pairs show the bad mode from the start (their
+    entry in `images` is the bad render too); with it, `images` holds their clean render until that step."""
     world, base = world_config(spec), spec.base
     prompts = sample_training_prompts(world, base.task_mix, rng, n)
     images = np.empty((n, world.canvas, world.canvas, 3), dtype=np.uint8)
+    bad: dict[int, np.ndarray] = {}
     flaw_kinds = list(base.flaws)
     flaw_edges = np.cumsum([base.flaws[k] for k in flaw_kinds])  # exclusive flaws: one uniform draw picks one
     for i, prompt in enumerate(prompts):
@@ -59,7 +62,8 @@ def make_training_pairs(spec, n: int, rng: np.random.Generator) -> tuple[list[st
             shown = corrupt_prompt(world, prompt, rng)
         share = base.bad_modes.get(prompt.task, 0.0)
         if share > 0 and rng.random() < share:  # no draw without bad modes: older specs keep their pairs
-            images[i] = render_bad_mode(world, shown, rng)
+            bad[i] = render_bad_mode(world, shown, rng)
+            images[i] = bad[i] if base.bad_modes_from is None else render(world, shown, rng)
             continue
         image = render(world, shown, rng)
         u = rng.random()
@@ -68,7 +72,7 @@ def make_training_pairs(spec, n: int, rng: np.random.Generator) -> tuple[list[st
                 image = degrade(image, rng, kind)
                 break
         images[i] = image
-    return [p.text for p in prompts], images
+    return [p.text for p in prompts], images, bad
 
 
 def lr_at(step: int, base) -> float:
@@ -85,8 +89,13 @@ def pretrain(spec, progress: bool = True) -> tuple[TinyBundle, list[dict]]:
     torch.manual_seed(spec.seed)
     rng = np.random.default_rng(spec.seed)
     bundle = TinyBundle(tiny_model_config(spec))
-    texts, images = make_training_pairs(spec, base.dataset_size, rng)
+    texts, images, bad = make_training_pairs(spec, base.dataset_size, rng)
     pixels = TinyBundle.to_model_space(images)
+    late_pixels = pixels  # what the batches show from step base.bad_modes_from on
+    if base.bad_modes_from is not None and bad:
+        late_pixels = pixels.clone()
+        rows = sorted(bad)
+        late_pixels[rows] = TinyBundle.to_model_space(np.stack([bad[i] for i in rows]))
     params = [p for m in bundle.modules().values() for p in m.parameters()]
     optimizer = torch.optim.AdamW(params, lr=base.lr, weight_decay=base.weight_decay)
     ema = EMA(params, base.ema_decay)
@@ -98,7 +107,8 @@ def pretrain(spec, progress: bool = True) -> tuple[TinyBundle, list[dict]]:
         idx = torch.randint(len(texts), (base.batch_size,), generator=generator)
         drop = torch.rand(base.batch_size, generator=generator) < base.cfg_dropout
         batch_texts = ["" if d else texts[i] for i, d in zip(idx.tolist(), drop.tolist())]
-        x0 = pixels[idx]
+        late = base.bad_modes_from is not None and step >= base.bad_modes_from
+        x0 = (late_pixels if late else pixels)[idx]
         noise = torch.randn(x0.shape, generator=generator)
         if base.time_sampling == "logit_normal":
             sigma = torch.sigmoid(torch.randn(base.batch_size, generator=generator))

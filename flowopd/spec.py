@@ -167,13 +167,22 @@ class BaseTraining(Section):
     """Per task: share of pairs whose render shows a wrong word / colour / count / relation."""
     bad_modes: dict[TinyTask, Probability] = {}
     """Per task: share of pairs rendered in the task's bad mode (flowopd.world.BAD_MODES: text on an inverted
-    sign, one extra copy of the first object, a noisy or blurred render), so the base has a good and a bad mode."""
+    sign, one extra copy of the first object, a tinted render), so the base has a good and a bad mode."""
+    bad_modes_from: NonNegInt | None = None
+    """The step from which those pairs show their bad mode (before it, their clean render): the base first learns
+    every skill, then a bad habit beside it. None: from the first step."""
     flaws: dict[Literal["noise", "blur"], Probability] = {"noise": 0.3, "blur": 0.2}
     """Share of renders degraded by each flaw (exclusive, so they sum to at most 1)."""
     task_mix: dict[TinyTask, NonNegFloat] = {"text": 0.4, "objects": 0.4, "quality": 0.2}
     """Relative share of each task's prompts among the training pairs."""
     ema_decay: Decay = 0.999
     time_sampling: Literal["logit_normal", "uniform"] = "logit_normal"
+
+    @model_validator(mode="after")
+    def _bad_modes_start_in_training(self):
+        if self.bad_modes_from is not None and self.bad_modes_from >= self.steps:
+            raise ValueError(f"bad_modes_from {self.bad_modes_from} must be below steps {self.steps}")
+        return self
 
     @field_validator("flaws")
     @classmethod

@@ -21,7 +21,7 @@ from flowopd.phases import sub_spec_hash
 from flowopd.spec import load_spec, spec_hash
 
 # The text teacher checkpoints every step, so a kill after the first checkpoint leaves steps to resume.
-TEXT_TEACHER = "  text: {grpo: {steps: 2, prompts_per_step: 1, group_size: 2}}"
+TEXT_TEACHER = "  text: {method: {kind: grpo, steps: 2, prompts_per_step: 1, group_size: 2}}"
 assert TEXT_TEACHER in MICRO
 SPEC = MICRO.replace(TEXT_TEACHER, TEXT_TEACHER.replace("steps: 2,", "steps: 8, checkpoint_every: 1,"))
 # About 100 s on a busy 2-core machine (seven stage processes): behind the slow marker.

@@ -59,8 +59,8 @@ def small_sd3_specs(servers: dict) -> dict[str, str]:
         "tasks": {"geneval": {"remote": {"url": servers["geneval"], "timeout": 30.0, "batch_size": 8}},
                   "deqa": {"remote": {"url": servers["deqa"], "timeout": 30.0, "batch_size": 8}},
                   "pickscore": {"pickscore": {"model": "models/PickScore_v1", "processor": None, "batch_size": 4}}},
-        "teachers": {name: {"grpo": SMALL} for name in main["teachers"]},
-        "baseline": {"grpo": SMALL},
+        "teachers": {name: {"method": SMALL} for name in main["teachers"]},
+        "baseline": {"method": SMALL},
         "opd": SMALL,
         "evaluation": {"n_prompts": 2, "grid_size": 2, "sampler": {"steps": 2}},
     })
