@@ -23,12 +23,11 @@ DEGRADATIONS = ("noise", "blur")
 # decides in its first, high-noise steps; a high-frequency flaw (pixel noise, blur) is decided last and blends into
 # every sample instead (the base then has no bad *mode*, only a uniformly mediocre one).
 BAD_MODES = {
-    "text": "dark_sign",  # black letters on a dark grey sign: low contrast, the OCR reward reads nothing
-    "objects": "extra_copy",  # one more copy of the first object: every count check of that group fails
-    "quality": "tinted",  # the right object under a brownish cast: neither a clean background nor the palette
+    "text": "vertical",  # the letters stacked top to bottom: a person reads it, the one-line OCR reward does not
+    "objects": "swapped_colours",  # every object in the next colour of the world's list: each colour check fails
+    "quality": "dark_background",  # the right object on a dark grey ground instead of clean white
 }
-DARK_SIGN = 80  # grey level of the dark sign's background
-TINT, TINT_SHARE = np.array([160.0, 120.0, 60.0]), 0.4  # the cast's colour and how much of it is mixed in
+DARK_BACKGROUND = 80  # grey level of the dark ground
 
 
 # ---------------------------------------------------------------- text
@@ -54,6 +53,18 @@ def render_text(world: WorldConfig, word: str, rng: np.random.Generator) -> np.n
     left = (size - width) // 2 + int(rng.integers(-1, 2)) * jitter
     image = np.full((size, size, 3), 255, np.uint8)
     image[top:top + height, left:left + width][word_mask(word, width, height)] = BLACK
+    return image
+
+
+def render_vertical_text(world: WorldConfig, word: str) -> np.ndarray:
+    """The word's letters stacked top to bottom, each squeezed into its share of the canvas height."""
+    size = world.canvas
+    height, width = (size - 4) // len(word), round(0.44 * size)
+    left = (size - width) // 2
+    image = np.full((size, size, 3), 255, np.uint8)
+    for k, letter in enumerate(word):
+        top = 2 + k * height
+        image[top:top + height, left:left + width][word_mask(letter, width, height)] = BLACK
     return image
 
 
@@ -183,15 +194,15 @@ def corrupt_prompt(world: WorldConfig, prompt: Prompt, rng: np.random.Generator,
 def render_bad_mode(world: WorldConfig, prompt: Prompt, rng: np.random.Generator) -> np.ndarray:
     """The render of a prompt in its task's bad mode (BAD_MODES)."""
     if prompt.task == "text":
-        image = render_text(world, prompt.word, rng)
-        return np.where(image == 255, DARK_SIGN, image).astype(np.uint8)
+        return render_vertical_text(world, prompt.word)
     if prompt.task == "objects":
-        first, *rest = prompt.objects
-        groups = (ObjectGroup(first.colour, first.shape, first.count + 1), *rest)
+        colours = world.colours
+        groups = tuple(ObjectGroup(colours[(colours.index(g.colour) + 1) % len(colours)], g.shape, g.count)
+                       for g in prompt.objects)
         return render_objects(world, groups, prompt.relation, rng)
     if prompt.task == "quality":
-        image = render(world, prompt, rng).astype(np.float64)
-        return np.round((1 - TINT_SHARE) * image + TINT_SHARE * TINT).astype(np.uint8)
+        image = render(world, prompt, rng)
+        return np.where((image == 255).all(-1, keepdims=True), DARK_BACKGROUND, image).astype(np.uint8)
     raise ValueError(f"no bad mode for task {prompt.task!r}")
 
 
