@@ -96,7 +96,7 @@ def test_main_spec_is_the_papers_run():
     assert spec.cold_start.method == "merge" and spec.cold_start.mode == "linear"
     assert spec.cold_start.lora_merge == "product" and len(set(spec.cold_start.weights.values())) == 1
     assert spec.opd.estimator == "sampled" and (spec.mar.anchor, spec.mar.weight) == ("quality", 0.02)
-    assert spec.evaluation.seeds == (0, 1) and spec.evaluation.sampler.noise_level == 0.0
+    assert spec.evaluation.seeds == (0, 1, 2) and spec.evaluation.sampler.noise_level == 0.0
 
 
 def test_schema_file_is_current():
