@@ -926,10 +926,11 @@ class _Origins:
     """Which file of the extends chain set each path of the merged data (the last writer wins)."""
 
     def __init__(self, default: str):
-        self.default, self.by_loc = default, {}
+        self.default, self.by_loc, self.writes = default, {}, 0
 
     def record(self, data: Any, file: str, prefix: tuple = ()):
-        self.by_loc[prefix] = file
+        self.writes += 1
+        self.by_loc[prefix] = (self.writes, file)
         if isinstance(data, dict):
             for key, value in data.items():
                 self.record(value, file, (*prefix, key))
@@ -939,9 +940,13 @@ class _Origins:
             del self.by_loc[loc]
 
     def file_of(self, loc: tuple) -> str:
-        for end in range(len(loc), -1, -1):
+        """The last file to write loc or anything inside it (a section's check blames its latest edit)."""
+        inside = [written for at, written in self.by_loc.items() if at[: len(loc)] == loc]
+        if inside:
+            return max(inside)[1]
+        for end in range(len(loc) - 1, -1, -1):
             if loc[:end] in self.by_loc:
-                return self.by_loc[loc[:end]]
+                return self.by_loc[loc[:end]][1]
         return self.default
 
 

@@ -186,3 +186,13 @@ def test_teacher_method_is_a_validated_choice():
         with pytest.raises(SpecError) as error:
             validate_spec(deep_merge(raw, {"teachers": {"text": {"method": method}}}))
         assert message in str(error.value), str(error.value)
+
+
+def test_a_section_check_names_the_file_that_last_edited_the_section(tmp_path):
+    # the main spec's NFT teachers set their sampler section; the child's edit is what the check refuses
+    main = Path(__file__).resolve().parents[1] / "specs/flow_opd.yaml"
+    child = tmp_path / "child.yaml"
+    child.write_text(f"extends: {main}\nname: child\n"
+                     "teachers: {text: {method: {sampler: {noise_level: 0.7, sde_window: [0, 3]}}}}\n")
+    with pytest.raises(SpecError, match=r"child.yaml: teachers.text.method.sampler: nft trains on"):
+        load_spec(child)
