@@ -1,10 +1,10 @@
 """DiffusionNFT: the loss against a hand computation, its gradient, the optimality map, the trainer on a micro model."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
-
-from pathlib import Path
 
 from flowopd.models.tiny import TinyBundle
 from flowopd.nft import NFTTrainer, nft_loss, nft_optimality, optimality, x0_fit
