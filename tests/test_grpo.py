@@ -380,7 +380,8 @@ def test_kill_9_then_resume_gives_the_uninterrupted_weights(tmp_path, phase_inpu
     """A stage process killed (SIGKILL) after its first checkpoint resumes to bit-identical weights."""
     root = phase_inputs
     spec_file = tmp_path / "spec.yaml"
-    spec_file.write_text(f"extends: {MICRO}\nteachers:\n  quality:\n    grpo: {json.dumps(MICRO_GRPO | {'steps': 6})}\n")
+    method = json.dumps({"kind": "grpo"} | MICRO_GRPO | {"steps": 6})
+    spec_file.write_text(f"extends: {MICRO}\nteachers:\n  quality:\n    method: {method}\n")
     spec = load_spec(spec_file)
     run_teacher(spec, "quality", root / "base", root / "data", tmp_path / "straight", progress=False)
     out = tmp_path / "killed"
