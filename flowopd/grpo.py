@@ -21,7 +21,6 @@ each reward's column on its own and sums w_k A_k.
 
 from __future__ import annotations
 
-import time
 from collections import defaultdict
 
 import numpy as np
@@ -61,6 +60,7 @@ class GRPOTrainer(RewardRollouts, Trainer):
     """
 
     progress_keys = ("reward", "kl", "clip_frac", "kept_groups")
+    curve_keys = ("loss", "policy_loss", "kl", "clip_frac", "approx_kl", "grad_norm")  # kl: None at beta 0
 
     def __init__(self, bundle, settings, prompts, prompt_tasks, rewards, reward_names, weights, *,
                  advantage: str = "joint", seed: int = 0, lora=None, kept_rows_only: bool = False,
@@ -130,23 +130,4 @@ class GRPOTrainer(RewardRollouts, Trainer):
                 stats["approx_kl"].append((0.5 * (log_prob.detach() - old_log_probs[t]) ** 2 * weight).sum().item())
             stats["grad_norm"].append(self.optimizer_step())
         self.bundle.transformer.eval()
-        for key in sorted(stats):  # each process's weighted sums add up to the batch's (same keys everywhere)
-            if key != "grad_norm":
-                stats[key] = self.processes.sum(stats[key])
-        return {key: float(np.mean(values)) for key, values in stats.items()}
-
-    # -- one whole step --------------------------------------------------------------------------------------
-    def step(self, step: int) -> dict:
-        t0 = time.perf_counter()
-        rollout = self.rollout(step)
-        t1 = time.perf_counter()
-        scores = self.score(rollout)
-        advantages, kept = self.advantages(scores)
-        t2 = time.perf_counter()
-        stats = self.update(rollout, advantages, kept, step)
-        t3 = time.perf_counter()
-        row = {"step": step} | self.reward_columns(scores, kept)
-        for key in ("loss", "policy_loss", "kl", "clip_frac", "approx_kl", "grad_norm"):
-            row[key] = stats.get(key)  # None (an empty cell) when nothing was trained or beta = 0
-        row |= {"rollout_s": round(t1 - t0, 4), "reward_s": round(t2 - t1, 4), "train_s": round(t3 - t2, 4)}
-        return row
+        return self.summed_stats(stats)

@@ -29,7 +29,6 @@ prompts use, does not move); `false` trains the conditional velocity alone on sa
 from __future__ import annotations
 
 import copy
-import time
 from collections import defaultdict
 
 import numpy as np
@@ -85,6 +84,7 @@ class NFTTrainer(RewardRollouts, Trainer):
     """
 
     progress_keys = ("reward", "loss", "kept_groups")
+    curve_keys = ("loss", "policy_loss", "kl", "grad_norm")
 
     def __init__(self, bundle, settings, prompts, prompt_tasks, rewards, reward_names, weights, *,
                  advantage: str = "joint", seed: int = 0, lora=None, processes: Processes | None = None):
@@ -141,24 +141,7 @@ class NFTTrainer(RewardRollouts, Trainer):
             stats["grad_norm"].append(self.optimizer_step())
         self.bundle.transformer.eval()
         self.old.update(self.named_params)
-        for key in sorted(stats):  # each process's weighted sums add up to the batch's (same keys everywhere)
-            if key != "grad_norm":
-                stats[key] = self.processes.sum(stats[key])
-        return {key: float(np.mean(values)) for key, values in stats.items()}
-
-    def step(self, step: int) -> dict:
-        t0 = time.perf_counter()
-        rollout = self.rollout(step)
-        t1 = time.perf_counter()
-        scores = self.score(rollout)
-        advantages, kept = self.advantages(scores)
-        t2 = time.perf_counter()
-        stats = self.update(rollout, advantages, kept, step)
-        t3 = time.perf_counter()
-        row = {"step": step} | self.reward_columns(scores, kept)
-        for key in ("loss", "policy_loss", "kl", "grad_norm"):
-            row[key] = stats.get(key)
-        return row | {"rollout_s": round(t1 - t0, 4), "reward_s": round(t2 - t1, 4), "train_s": round(t3 - t2, 4)}
+        return self.summed_stats(stats)
 
     def state_dict(self) -> dict:
         return super().state_dict() | {"old": self.old.state_dict()}

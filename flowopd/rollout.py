@@ -11,6 +11,7 @@ Rewards: reward k scores the samples whose prompt comes from task k; group advan
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -128,9 +129,13 @@ def mixed_advantages(
 
 
 class RewardRollouts:
-    """What a reward-trained policy (GRPO, and supervised-style reward trainers) does before its update: roll out,
-    score, normalise. Needs bundle, settings (sampler, prompts_per_step, group_size, adv_std, adv_clip), prompts,
-    prompt_tasks, rewards, reward_names, weights, advantage, seed, processes."""
+    """What a reward-trained policy (GRPO, NFT) does around its update: roll out, score, normalise, then
+    `update(rollout, advantages, kept, step) -> stats` (the subclass's) and the curve row. Needs bundle, settings
+    (sampler, prompts_per_step, group_size, adv_std, adv_clip), prompts, prompt_tasks, rewards, reward_names,
+    weights, advantage, seed, processes."""
+
+    curve_keys: tuple[str, ...] = ("loss", "grad_norm")
+    """The update's stats written to the curve (None, an empty cell, where a step trained nothing)."""
 
     def rollout(self, step: int) -> Rollout:
         s = self.settings
@@ -158,3 +163,23 @@ class RewardRollouts:
             row[f"reward_{name}"] = float(np.nanmean(column)) if (~np.isnan(column)).any() else None
         row["kept_groups"] = float(kept.reshape(-1, self.settings.group_size)[:, 0].mean())
         return row
+
+    def summed_stats(self, stats: dict) -> dict:
+        """Each stat's mean over its entries, with every entry but grad_norm (already global) summed over processes:
+        each process's weighted sums add up to the batch's (the same keys on every process)."""
+        for key in sorted(stats):
+            if key != "grad_norm":
+                stats[key] = self.processes.sum(stats[key])
+        return {key: float(np.mean(values)) for key, values in stats.items()}
+
+    def step(self, step: int) -> dict:
+        t0 = time.perf_counter()
+        rollout = self.rollout(step)
+        t1 = time.perf_counter()
+        scores = self.score(rollout)
+        advantages, kept = self.advantages(scores)
+        t2 = time.perf_counter()
+        stats = self.update(rollout, advantages, kept, step)
+        t3 = time.perf_counter()
+        row = {"step": step} | self.reward_columns(scores, kept) | {key: stats.get(key) for key in self.curve_keys}
+        return row | {"rollout_s": round(t1 - t0, 4), "reward_s": round(t2 - t1, 4), "train_s": round(t3 - t2, 4)}
