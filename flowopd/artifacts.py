@@ -7,9 +7,10 @@ hash, and nothing downstream reruns (its run cache can match too).
 
 Beside it, `<folder>.run.json`, the run record (a DVC output without cache that no stage depends on): what varies
 from run to run: the spec file the stage ran from (name, label, whole-spec hash), start and finish times, seconds,
-the process's start-up seconds, process count, host, git revision and dirty flag, package versions, device, and the
-training curve's timing columns. The ledger reads it beside every folder it ingests. "Dirty" means the code or the
-specs differ from the commit (SOURCE_PATHS), not that DVC rewrote dvc.lock or reports/ during the run.
+the process's start-up seconds (to the phase's clock; and to the end of torch's and the model library's import),
+process count, host, git revision and dirty flag, package versions, device, and the training curve's timing
+columns. The ledger reads it beside every folder it ingests. "Dirty" means the code or the specs differ from the
+commit (SOURCE_PATHS), not that DVC rewrote dvc.lock or reports/ during the run.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
+
+from flowopd.launch import imports_done
 
 UMASK = os.umask(0)
 os.umask(UMASK)
@@ -193,5 +196,7 @@ def write_provenance(folder: Path, phase: str, sub_spec: dict, curve: list[dict]
         run["process_started"] = datetime.fromtimestamp(started, UTC).isoformat(timespec="milliseconds")
         if isinstance(extra.get("seconds"), int | float):  # the phase's clock started `seconds` before now
             run["startup_seconds"] = round(finished - extra["seconds"] - started, 3)
+        if imports_done() is not None:  # process start to the end of torch's and the model library's import
+            run["import_seconds"] = round(imports_done() - started, 3)
     write_json(folder / STAGED_RUN_RECORD, run)
     return meta

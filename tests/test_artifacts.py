@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+import time
 
 import pytest
 
@@ -9,6 +10,7 @@ from flowopd.artifacts import (
     atomic_folder,
     canonical_hash,
     git_state,
+    process_started,
     read_run_record,
     run_record_path,
     write_provenance,
@@ -39,7 +41,9 @@ def write(target, seconds: float, processes: int):
 
 def test_the_folder_holds_what_the_inputs_determine_and_the_run_record_the_rest(tmp_path):
     target = tmp_path / "base" / "abc"
+    age_before = time.time() - process_started()
     files = write(target, seconds=1.5, processes=1)
+    age_after = time.time() - process_started()
     assert set(files) == {"weights", "spec.json", "meta.json"}
     meta = json.loads(files["meta.json"])
     assert meta == {"phase": "base", "sections_hash": canonical_hash({"seed": 0, "base": {"steps": 3}}),
@@ -51,7 +55,9 @@ def test_the_folder_holds_what_the_inputs_determine_and_the_run_record_the_rest(
     assert {"git_rev", "git_dirty", "python", "packages", "device", "host", "argv"} <= run.keys()
     assert run["sections_hash"] == meta["sections_hash"]
     assert run["curve_timing"] == [{"step": s, "rollout_s": 0.15, "seconds": 1.5 * s} for s in range(3)]
-    assert run["startup_seconds"] >= 0  # this (test) process started before the phase's clock
+    # the process's age when the phase's clock (1.5 s before the write) started; as a test, no import pause
+    assert age_before - 1.5 - 0.01 <= run["startup_seconds"] <= age_after - 1.5 + 0.01
+    assert "import_seconds" not in run
 
 
 def test_a_rerun_that_differs_only_in_its_run_writes_the_same_bytes(tmp_path):

@@ -94,6 +94,22 @@ def test_a_stage_relaunches_itself_under_accelerate_as_asked(monkeypatch, tmp_pa
     assert "--num_processes" not in launch_command([])  # the config file's count
 
 
+def probe(code: str) -> str:
+    """What a fresh interpreter prints (the model module may already be imported in this one)."""
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                          env=os.environ | {"PYTHONPATH": str(ROOT)}).stdout.strip()
+
+
+def test_a_stage_imports_without_the_collector_and_resumes_it_after_the_model_library():
+    stage = ("import gc; from flowopd.launch import imports_done, pause_gc; pause_gc(); import torch; "
+             "paused = not gc.isenabled(); import flowopd.models.tiny; "
+             "print(paused, gc.isenabled(), gc.get_freeze_count() > 100000, imports_done() is not None)")
+    assert probe(stage) == "True True True True"
+    library = ("import gc; import flowopd.models.tiny; from flowopd.launch import imports_done; "
+               "print(gc.isenabled(), gc.get_freeze_count(), imports_done())")
+    assert probe(library) == "True 0 None"  # imported as a library, the module leaves the collector alone
+
+
 def test_a_bad_process_count_is_refused(monkeypatch):
     monkeypatch.setenv("FLOWOPD_PROCESSES", "two")
     with pytest.raises(SystemExit, match="FLOWOPD_PROCESSES must be a positive integer, got 'two'"):

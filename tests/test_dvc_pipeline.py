@@ -1,5 +1,6 @@
 """`dvc repro` on micro specs in a scratch repository: what reruns after an edit, and what two specs share."""
 
+import json
 import shutil
 
 import pytest
@@ -31,6 +32,9 @@ def tree(tmp_path_factory):
 
 def test_dvc_repro_reruns_only_what_an_edit_changes(tree):
     assert phases(repro(tree)) == {"data", "base", *TRAINING, "eval", "ledger", "report"}
+    records = [json.loads(path.read_text()) for path in (tree / "artifacts").glob("*/*.run.json")]
+    # every model stage paused the collector for its imports and resumed it after the model library's import
+    assert {r["phase"] for r in records if r.get("import_seconds", 0) > 0} == {"base", *TRAINING, "eval"}
     assert repro(tree) == set()  # a no-op
     mtimes = {p: p.stat().st_mtime_ns for p in (tree / "artifacts").glob("*/*/meta.json")}
 

@@ -20,7 +20,10 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
+from flowopd.launch import resume_gc
 from flowopd.models.base import Condition, transformer_velocity
+
+resume_gc()  # the heavy imports are done; a stage entry point paused the collector for them
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter.safetensors", "adapter.json"  # an sd3 model artifact: one adapter
 

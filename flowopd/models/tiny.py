@@ -18,7 +18,10 @@ from diffusers import SD3Transformer2DModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from flowopd.launch import resume_gc
 from flowopd.models.base import Condition, transformer_velocity
+
+resume_gc()  # the heavy imports are done; a stage entry point paused the collector for them
 
 SPECIALS = ("<bos>", "<pad>", "<unk>")
 TOKEN = re.compile(r"[a-z]+|[A-Z0-9]|[^\sa-zA-Z0-9]")
