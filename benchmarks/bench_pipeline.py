@@ -4,19 +4,20 @@
              of --dvc-yaml): per stage, in run order, its start-up (process start to the phase's clock), its import
              (process start to the end of torch's and the model library's import: its first line of work), its
              seconds and the gap before it (the previous stage's finish to this process's start: the previous
-             process's exit and DVC's bookkeeping). Then the
-             span (first process start to last finish), the sum of the stages' seconds and the fixed cost = span - sum;
-             with --wall S (the timed `dvc repro`, e.g. `/usr/bin/time -f %e make repro` minus the install) also
-             wall - sum, the definition of the 290 s measured before (the ledger and report stages, which write no
-             run record, and DVC's own start-up are in it, not in the span).
-    startup  every stage command once on the micro spec (tests/data/micro.yaml) in a scratch folder: the process's
-             wall time, its seconds (run record, or meta.json for code from before run records) and the difference,
-             i.e. what a stage costs outside its clock. --code DIR runs another checkout's flowopd and stages/
-             (e.g. `git archive <rev> | tar -x -C DIR`) with the same commands. Also times the model import
-             (`flowopd.models.tiny`, diffusers' SD3 transformer) that runs inside the clock of the tiny model stages.
+             process's exit and DVC's bookkeeping). Then the span (first process start to last finish), the sum of
+             the stages' seconds and the fixed cost = span - sum; with --wall S (the timed `dvc repro`, e.g.
+             `/usr/bin/time -f %e make repro` minus the install) also wall - sum, the definition of the 290 s
+             measured before (the ledger and report stages, which write no run record, and DVC's own start-up are in
+             it, not in the span).
+    startup  every stage command on the micro spec (tests/data/micro.yaml) in a scratch folder: the process's wall
+             time, its seconds (run record, or meta.json for code from before run records) and the difference, i.e.
+             what a stage costs outside its clock; from the run record, its import to first work and its exit time.
+             --code DIR [DIR ...] runs these checkouts' flowopd and stages/ (e.g. `git archive <rev> | tar -x -C
+             DIR`) side by side, interleaved, and prints their ratios to the first. Also times the import of torch and
+             the model library (`flowopd.models.tiny`, diffusers' SD3 transformer) with the collector on and paused.
 
     .venv/bin/python benchmarks/bench_pipeline.py records --wall 1751
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_pipeline.py startup [--code DIR] [--repeat 3]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_pipeline.py startup [--code OLD NEW] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -147,35 +148,54 @@ def timed(command: list[str], cwd: Path, env: dict) -> tuple[float, float]:
     return time.perf_counter() - start, time.time()
 
 
-def report_startup(code: Path, repeat: int) -> None:
-    env = os.environ | {"PYTHONPATH": str(code), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    spec = code / "tests/data/micro.yaml"
-    print(f"code: {code}; each stage on {spec.relative_to(code)}, best of {repeat} (least time outside the clock)")
+def report_startup(codes: list[Path], repeat: int) -> None:
+    """Each stage command on the micro spec for every checkout in `codes`, interleaved (stage by stage, the checkouts
+    in turn, `repeat` times), the best run of each kept: least time outside the clock."""
+    print(f"each stage on tests/data/micro.yaml, best of {repeat} (least time outside the clock)")
     print("outside: wall - seconds; import: process start to the end of torch's and the model library's import;")
     print("exit: the run record's finish to the process's end (writing the record, interpreter teardown)")
-    print(f"{'stage':11s} {'wall s':>7s} {'seconds':>8s} {'outside s':>9s} {'import s':>8s} {'exit s':>7s}")
-    outside_all = []
+    envs = [os.environ | {"PYTHONPATH": str(code), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+            for code in codes]
+    rows: list[list[tuple]] = [[] for _ in codes]
     with tempfile.TemporaryDirectory() as folder:
-        tmp = Path(folder)
-        for name, args, out in stage_commands(spec, tmp):
-            best = None
-            for _ in range(repeat):
-                wall, ended = timed([sys.executable, *args], code, env)
-                facts = stage_facts(out)
-                if best is None or wall - facts["seconds"] < best[0] - best[1]["seconds"]:
-                    best = (wall, facts, ended)
-            wall, facts, ended = best
-            own, imported = facts["seconds"], facts.get("import_seconds")
-            exit_ = ended - moment(facts["finished"]) if "process_started" in facts else None
-            outside_all.append(wall - own)
-            print(f"{name:11s} {wall:7.2f} {own:8.2f} {wall - own:9.2f} "
-                  f"{'' if imported is None else f'{imported:8.2f}':>8s} {'' if exit_ is None else f'{exit_:7.2f}':>7s}")
-    print(f"mean outside the clock: {mean(outside_all):.2f} s per stage")
-    probe = ("import time, torch; t = time.perf_counter(); import flowopd.models.tiny; "
-             "print(f'{time.perf_counter() - t:.2f}')")
-    inside = min(float(subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
-                                      check=True).stdout) for _ in range(repeat))
-    print(f"model import inside the clock (flowopd.models.tiny after torch, collector on): {inside:.2f} s")
+        for name, _, _ in stage_commands(Path("micro.yaml"), Path(folder)):
+            for index, code in enumerate(codes):
+                tmp = Path(folder) / str(index)
+                args, out = next((a, o) for n, a, o in stage_commands(code / "tests/data/micro.yaml", tmp) if n == name)
+                best = None
+                for _ in range(repeat):
+                    wall, ended = timed([sys.executable, *args], code, envs[index])
+                    facts = stage_facts(out)
+                    if best is None or wall - facts["seconds"] < best[0] - best[1]["seconds"]:
+                        best = (wall, facts, ended)
+                wall, facts, ended = best
+                exit_ = ended - moment(facts["finished"]) if "process_started" in facts else None
+                rows[index].append((name, wall, facts["seconds"], facts.get("import_seconds"), exit_))
+    summary = []
+    for code, env, code_rows in zip(codes, envs, rows, strict=True):
+        print(f"\ncode: {code}")
+        print(f"{'stage':11s} {'wall s':>7s} {'seconds':>8s} {'outside s':>9s} {'import s':>8s} {'exit s':>7s}")
+        for name, wall, own, imported, exit_ in code_rows:
+            print(f"{name:11s} {wall:7.2f} {own:8.2f} {wall - own:9.2f} {cell(imported, 8)} {cell(exit_, 7)}")
+        outside = mean([wall - own for _, wall, own, _, _ in code_rows])
+        exits = mean([e for *_, e in code_rows if e is not None])
+        imports = [i for _, _, _, i, _ in code_rows if i is not None]
+        print(f"mean per stage: outside the clock {outside:.2f} s, exit {exits:.2f} s"
+              + (f", import to first work {mean(imports):.2f} s (max {max(imports):.2f} s)" if imports else ""))
+        summary.append((outside, exits))
+    for index in range(1, len(codes)):
+        print(f"\n{codes[index]} against {codes[0]}: outside the clock x{summary[index][0] / summary[0][0]:.2f}, "
+              f"exit x{summary[index][1] / summary[0][1]:.2f}")
+    probe = ("import gc, sys, time; t = time.perf_counter(); sys.argv[1] == 'paused' and gc.disable(); import torch; "
+             "import flowopd.models.tiny; print(f'{time.perf_counter() - t:.2f}')")
+    for how in ("collector on", "paused"):
+        seconds = min(float(subprocess.run([sys.executable, "-c", probe, how.split()[0]], env=envs[0],
+                                           capture_output=True, text=True, check=True).stdout) for _ in range(repeat))
+        print(f"import of torch and flowopd.models.tiny, {how}: {seconds:.2f} s (best of {repeat})")
+
+
+def cell(value: float | None, width: int) -> str:
+    return " " * width if value is None else f"{value:{width}.2f}"
 
 
 def main() -> None:
@@ -185,11 +205,12 @@ def main() -> None:
     p.add_argument("--dvc-yaml", type=Path, default=ROOT / "dvc.yaml")
     p.add_argument("--wall", type=float, help="wall seconds of the timed `dvc repro`")
     p = sub.add_parser("startup", help="each stage command once on the micro spec")
-    p.add_argument("--code", type=Path, default=ROOT, help="checkout whose flowopd/ and stages/ run")
+    p.add_argument("--code", type=Path, nargs="+", default=[ROOT],
+                   help="checkouts whose flowopd/ and stages/ run, compared side by side (the first is the reference)")
     p.add_argument("--repeat", type=int, default=1)
     args = parser.parse_args()
     if args.mode == "startup":
-        report_startup(args.code.resolve(), args.repeat)
+        report_startup([code.resolve() for code in args.code], args.repeat)
     else:
         report_records(getattr(args, "dvc_yaml", ROOT / "dvc.yaml"), getattr(args, "wall", None))
 
