@@ -92,4 +92,3 @@ def resume_gc() -> None:
 def imports_done() -> float | None:
     """When this stage process finished its heavy imports (epoch seconds), or None if it never paused for them."""
     return _IMPORTS_DONE
-_IMPORTS_DONE: float | None = None  # epoch seconds when resume_gc() ended the paused imports
