@@ -91,8 +91,8 @@ def report_records(dvc_yaml: Path, wall: float | None) -> None:
     print(f"start-up (process start to the clock): {sum(startups):8.1f} s  (mean {mean(startups):.2f} s, "
           f"max {max(startups, default=0):.2f} s per stage)")
     if imports:
-        print(f"import to first work (model stages):             (mean {mean(imports):.2f} s, "
-              f"max {max(imports):.2f} s per stage, {len(imports)} stages)")
+        print(f"import to first work (model stages):   mean {mean(imports):.2f} s, max {max(imports):.2f} s per stage "
+              f"({len(imports)} stages)")
     print(f"gaps between stages (exit, DVC):       {sum(gaps):8.1f} s  (mean {mean(gaps):.2f} s)")
     print(f"span, first start to last finish:      {span:8.1f} s; fixed cost span - seconds: {span - sum(seconds):.1f} s")
     if wall is not None:
@@ -158,10 +158,10 @@ def report_startup(codes: list[Path], repeat: int) -> None:
             for code in codes]
     rows: list[list[tuple]] = [[] for _ in codes]
     with tempfile.TemporaryDirectory() as folder:
-        for name, _, _ in stage_commands(Path("micro.yaml"), Path(folder)):
-            for index, code in enumerate(codes):
-                tmp = Path(folder) / str(index)
-                args, out = next((a, o) for n, a, o in stage_commands(code / "tests/data/micro.yaml", tmp) if n == name)
+        commands = [stage_commands(code / "tests/data/micro.yaml", Path(folder) / str(index))
+                    for index, code in enumerate(codes)]
+        for same_stage in zip(*commands, strict=True):  # one stage, every checkout in turn
+            for index, (code, (name, args, out)) in enumerate(zip(codes, same_stage, strict=True)):
                 best = None
                 for _ in range(repeat):
                     wall, ended = timed([sys.executable, *args], code, envs[index])
@@ -172,7 +172,7 @@ def report_startup(codes: list[Path], repeat: int) -> None:
                 exit_ = ended - moment(facts["finished"]) if "process_started" in facts else None
                 rows[index].append((name, wall, facts["seconds"], facts.get("import_seconds"), exit_))
     summary = []
-    for code, env, code_rows in zip(codes, envs, rows, strict=True):
+    for code, code_rows in zip(codes, rows, strict=True):
         print(f"\ncode: {code}")
         print(f"{'stage':11s} {'wall s':>7s} {'seconds':>8s} {'outside s':>9s} {'import s':>8s} {'exit s':>7s}")
         for name, wall, own, imported, exit_ in code_rows:
