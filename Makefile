@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 SUDO  := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTHON ?= python3.11
 
-.PHONY: setup repro test test-slow lint tesseract git-ready
+.PHONY: setup repro test test-slow lint docs tesseract git-ready
 
 setup: $(STAMP) tesseract git-ready
 
@@ -40,5 +40,9 @@ test: setup
 test-slow: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest -m slow
 
-lint: setup
+lint: setup docs
 	$(BIN)/ruff check flowopd stages tests benchmarks
+
+# The docs site (docs/, mkdocs.yml): --strict turns a broken link or anchor into an error.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet

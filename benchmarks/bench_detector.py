@@ -1,8 +1,8 @@
-"""Cost of the prompt-ignoring detector (flowopd/exploits.py) beside the evaluation it runs in.
+"""Cost of the prompt-ignoring detector (flowopd/evaluation/exploits.py) beside the evaluation it runs in.
 
 Run:  .venv/bin/python benchmarks/bench_detector.py --spec specs/flow_opd.yaml [--model artifacts/base/<key>]
 
-Per benchmark and seed, as flowopd.evaluate runs them, times: sampling (the spec's evaluation sampler on the
+Per benchmark and seed, as flowopd.evaluation.benchmark runs them, times: sampling (the spec's evaluation sampler on the
 model; without --model a freshly initialised tiny model of the spec, which costs the same), the reward, and the
 detector given the reward's scores. The detector's cost depends on the pictures (it cross-scores only samples that
 look like a sample fitting its own prompt clearly better), so it runs on three picture sets: the model's samples, a
@@ -17,13 +17,13 @@ import time
 import numpy as np
 import torch
 
-from flowopd.data import build_prompt_sets, world_config
-from flowopd.evaluate import EVAL_BATCH, generate
-from flowopd.exploits import prompt_ignoring
+from flowopd.evaluation.benchmark import EVAL_BATCH, generate
+from flowopd.evaluation.exploits import prompt_ignoring
 from flowopd.rewards import task_reward
 from flowopd.rewards.adversarial import render_all
 from flowopd.spec import load_spec
 from flowopd.world import corrupt_prompt, degrade
+from flowopd.world.prompt_sets import build_prompt_sets, world_config
 
 
 def fakes(world, prompts, seed: int) -> dict[str, np.ndarray]:
@@ -44,8 +44,8 @@ def main():
     spec = load_spec(args.spec)
     if spec.model.kind != "tiny":
         raise SystemExit("this benchmark times tiny specs")
+    from flowopd.methods.pretrain import tiny_model_config
     from flowopd.models.tiny import TinyBundle
-    from flowopd.pretrain import tiny_model_config
 
     torch.manual_seed(0)
     bundle = TinyBundle.load(args.model) if args.model else TinyBundle(tiny_model_config(spec)).eval()

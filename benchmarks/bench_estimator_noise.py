@@ -4,7 +4,7 @@ Run:  .venv/bin/python benchmarks/bench_estimator_noise.py [--kl 0.005] [--repea
 
 One Gaussian SDE step, student N(mu_S, std^2 I), teacher N(mu_T, std^2 I) in D dimensions, with KL per element
 `--kl` (the tiny pipeline's OPD runs log 0.002-0.03). With the student mean as the parameter, the batch estimate of
-the policy gradient with the trainer's own reward and loss (flowopd.opd.step_rewards / step_loss, sum reduction) is
+the policy gradient with the trainer's own reward and loss (flowopd.methods.opd_trainer.step_rewards / step_loss, sum reduction) is
 compared with the exact grad KL by cosine similarity, averaged over repeats, for both credits: `step` (one reward
 per sample, the paper's) and `element` (each element's log-ratio on its own log-prob). `analytic_grad` differentiates the KL
 itself and has cosine 1 by construction. D = 3072 is the tiny world's 32 x 32 x 3 pixels; 65,536 is SD3.5's
@@ -15,8 +15,8 @@ import argparse
 
 import torch
 
-from flowopd.opd import step_loss, step_rewards
-from flowopd.sde import gaussian_log_prob, step_kl
+from flowopd.flow.sde import gaussian_log_prob, step_kl
+from flowopd.methods.opd_objectives import step_loss, step_rewards
 
 
 def cosine_to_grad_kl(dim: int, batch: int, kl_per_element: float, generator: torch.Generator,

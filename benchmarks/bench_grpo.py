@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flowopd.data import build_prompt_sets, world_config
-from flowopd.grpo import GRPOTrainer
+from flowopd.methods.grpo import GRPOTrainer
+from flowopd.methods.pretrain import tiny_model_config
 from flowopd.models.tiny import TinyBundle
-from flowopd.pretrain import tiny_model_config
 from flowopd.rewards import get_reward
 from flowopd.spec import load_spec
-from flowopd.trainer import lora_settings
+from flowopd.train.trainer import lora_settings
+from flowopd.world.prompt_sets import build_prompt_sets, world_config
 
 
 def main():

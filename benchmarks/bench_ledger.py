@@ -5,12 +5,12 @@ Run:  .venv/bin/python benchmarks/bench_ledger.py --runs 10000 --metrics 50 --se
 1. rows: the rows of `--runs` eval shards (each `--metrics` metrics over 5 benchmarks x `--seeds` seeds, 6 files;
    the 6 latest also 64 per-sample scores per metric and seed) and of 1 training run per 100 eval runs (a 1,000-step
    curve of 3 keys), built as Arrow tables, bulk-inserted into a new ledger in one transaction
-   (flowopd.ledger.insert); then the same rows again (must add nothing).
+   (flowopd.results.ledger.insert); then the same rows again (must add nothing).
 2. queries: what the report runs on that ledger: the 6 current runs loaded with their per-sample scores and
-   bootstrap intervals (flowopd.tables.load_runs) and the main table, and the latest run per model of one spec.
+   bootstrap intervals (flowopd.results.tables.load_runs) and the main table, and the latest run per model of one spec.
 3. files: `--files` shard folders written in the eval phase's format (with samples.jsonl), read and checked
-   (flowopd.ledger.collect), then inserted: the whole `flowopd ledger ingest` path.
-4. intervals: the bootstrap alone (flowopd.bootstrap.estimate) for a table of 12 models x 5 benchmarks, at 64
+   (flowopd.results.ledger.collect), then inserted: the whole `flowopd ledger ingest` path.
+4. intervals: the bootstrap alone (flowopd.results.bootstrap.estimate) for a table of 12 models x 5 benchmarks, at 64
    prompts x `--seeds` seeds (the tiny world) and at `--prompts` prompts (GenEval has 553).
 Prints measured seconds and rows (or shards) per second; nothing is extrapolated.
 """
@@ -26,9 +26,9 @@ import numpy as np
 import polars  # noqa: F401  (imported before the timed report query, as in the report stage)
 import pyarrow as pa
 
-from flowopd import bootstrap
-from flowopd.ledger import TABLES, Rows, collect, connect, insert
-from flowopd.tables import LATEST_SQL, load_runs
+from flowopd.results import bootstrap
+from flowopd.results.ledger import TABLES, Rows, collect, connect, insert
+from flowopd.results.tables import LATEST_SQL, load_runs
 
 BENCHMARKS = ("text", "objects", "quality", "counting", "position")
 PROMPTS, CURRENT = 64, 6  # per-sample scores: prompts per benchmark, for the latest CURRENT runs

@@ -21,14 +21,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flowopd.data import build_prompt_sets, world_config
-from flowopd.grpo import GRPOTrainer
+from flowopd.methods.grpo import GRPOTrainer
+from flowopd.methods.opd_trainer import OPDTrainer
+from flowopd.methods.pretrain import tiny_model_config
+from flowopd.methods.router import Router
 from flowopd.models.tiny import TinyBundle
-from flowopd.opd import OPDTrainer
-from flowopd.pretrain import tiny_model_config
 from flowopd.rewards import get_reward
-from flowopd.router import Router
 from flowopd.spec import load_spec
+from flowopd.world.prompt_sets import build_prompt_sets, world_config
 
 
 def main():

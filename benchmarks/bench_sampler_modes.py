@@ -4,7 +4,7 @@ Run:  .venv/bin/python benchmarks/bench_sampler_modes.py --base artifacts/base/<
 
 For each task's first --n test prompts and --seeds seeds, samples with the ODE (noise_level 0), the flow SDE (a 0.7),
 CPS (eta 0.7), and CPS only in the windows [0, 4) and [4, 10) of the spec's 10 steps, all at the evaluation's cfg and
-from the same initial noise (flowopd.sampling.sample draws it first from the seeded generator). Prints each
+from the same initial noise (flowopd.flow.sampler.sample draws it first from the seeded generator). Prints each
 sampler's headline score, its share of "good" samples (headline >= 0.5) and how often a sample is on the same side
 of 0.5 as the ODE sample from the same noise: a teacher trained on a sampler's rollouts is trained on those images,
 and evaluated on the ODE's.
@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flowopd.data import build_prompt_sets, world_config
+from flowopd.flow.sampler import sample
 from flowopd.models.tiny import TinyBundle
 from flowopd.rewards import task_reward
-from flowopd.sampling import sample
 from flowopd.spec import load_spec
+from flowopd.world.prompt_sets import build_prompt_sets, world_config
 
 SAMPLERS = {
     "ode": {"noise_level": 0.0},

@@ -12,7 +12,7 @@ evaluates the EMA weights on the task's held-out prompts with the spec's evaluat
 Prints one row per (task, method): steps and images trained, the base's and the teacher's held-out headline score,
 the gain and the gain per CPU minute, the training reward's first and last tenth (means), and `collapse`: the
 held-out score fell more than 0.1 below the base's, or more than half of the samples are flagged by
-flowopd.exploits as ignoring their prompt.
+flowopd.evaluation.exploits as ignoring their prompt.
 """
 
 import argparse
@@ -21,14 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
-from flowopd.data import build_prompt_sets, world_config
-from flowopd.distributed import Processes
-from flowopd.evaluate import generate
-from flowopd.exploits import prompt_ignoring
+from flowopd.evaluation.benchmark import generate
+from flowopd.evaluation.exploits import prompt_ignoring
+from flowopd.methods.reward_trainers import REWARD_TRAINERS, RewardPool
 from flowopd.models.tiny import TinyBundle
 from flowopd.rewards import task_reward
+from flowopd.runtime.processes import Processes
 from flowopd.spec import deep_merge, load_spec, validate_spec
-from flowopd.teachers import REWARD_TRAINERS, RewardPool
+from flowopd.world.prompt_sets import build_prompt_sets, world_config
 
 GRPO = {"kind": "grpo", "clip_eps": 1.0e-4, "beta": 0.04, "adv_clip": 5.0, "timestep_fraction": 0.5}
 VARIANTS = {  # name -> the teacher method's keys that differ from the spec's teacher

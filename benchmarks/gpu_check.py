@@ -14,7 +14,7 @@ front sees them. The reward is a stand-in (mean brightness): scoring is not what
 The steps are the project's own: GRPOTrainer.step (specs/sd3/flow_opd.yaml's teacher settings: SDE sampler, all 9
 trainable steps, CFG 4.5 in training, KL to the adapter-off reference), OPDTrainer.step (its OPD settings: element
 credit, three frozen teacher adapters and the MAR anchor on the same transformer, lambda 0.02) and
-flowopd.evaluate.generate (its evaluation sampler: 40 Euler steps, CFG 4.5, then the VAE decode). Every phase runs
+flowopd.evaluation.benchmark.generate (its evaluation sampler: 40 Euler steps, CFG 4.5, then the VAE decode). Every phase runs
 `--repeat` times; the last one is reported (the first pays for kernel selection and allocator warm-up).
 
 Prints per phase: seconds per step, images per second, peak memory (CUDA: max allocated; CPU: the process's peak
@@ -49,7 +49,7 @@ def build_bundle(args, device: torch.device):
     (encode gives fixed random embeddings per prompt)."""
     from diffusers import AutoencoderKL, SD3Transformer2DModel
 
-    from flowopd.models.base import Condition
+    from flowopd.models.bundle import Condition
     from flowopd.models.sd3 import SD3Bundle
 
     dual = round(args.layers * 13 / 24)
@@ -156,12 +156,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--spec", type=Path, default=ROOT / "specs/sd3/flow_opd.yaml")
     args = parser.parse_args(argv)
 
-    from flowopd.data import FilePrompt
-    from flowopd.evaluate import generate
-    from flowopd.grpo import GRPOTrainer
-    from flowopd.opd import OPDTrainer
+    from flowopd.evaluation.benchmark import generate
+    from flowopd.methods.grpo import GRPOTrainer
+    from flowopd.methods.opd_trainer import OPDTrainer
     from flowopd.spec import load_spec
-    from flowopd.training import ADAPTER
+    from flowopd.train.policy import ADAPTER
+    from flowopd.world.prompt_sets import FilePrompt
 
     device = torch.device(args.device)
     spec = load_spec(args.spec)

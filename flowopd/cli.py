@@ -5,37 +5,12 @@ Heavy imports (torch, diffusers) stay inside the subcommands that need them."""
 from __future__ import annotations
 
 import argparse
-import sys
 
-from flowopd.experiment import add_experiment_parser
-from flowopd.ledger import add_ledger_parser
-from flowopd.report import add_report_parser
-from flowopd.spec_cli import add_spec_parser
-
-
-def pipeline_command(args) -> int:
-    from flowopd import pipeline
-    from flowopd.spec import SpecError
-
-    try:
-        if args.action == "write":
-            changed = pipeline.write()
-            print(f"{', '.join(changed)} updated" if changed else "dvc.yaml files already up to date")
-            return 0
-        if pipeline.stale():
-            print("a dvc.yaml is stale: specs/ changed since it was written; run `flowopd pipeline write`")
-            return 1
-        print("dvc.yaml and sd3/dvc.yaml are up to date with specs/")
-        return 0
-    except SpecError as error:
-        print(error, file=sys.stderr)
-        return 1
-
-
-def add_pipeline_parser(subparsers) -> None:
-    parser = subparsers.add_parser("pipeline", help="generate or check dvc.yaml and sd3/dvc.yaml from the spec files")
-    parser.add_argument("action", choices=["write", "check"])
-    parser.set_defaults(func=pipeline_command)
+from flowopd.pipeline.experiment import add_experiment_parser
+from flowopd.pipeline.pipeline_cli import add_pipeline_parser
+from flowopd.results.ledger_cli import add_ledger_parser
+from flowopd.results.report_cli import add_report_parser
+from flowopd.spec.spec_cli import add_spec_parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,9 +1,9 @@
 """Stage `base`: run by dvc.yaml as `python stages/base.py --spec SPEC --out DIR ...` (see `--help`)."""
 
-from flowopd.launch import pause_gc
+from flowopd.runtime.launch import pause_gc
 
 if __name__ == "__main__":
     pause_gc()  # until torch and the model library have imported (see pause_gc)
-    from flowopd.phases import stage_main
+    from flowopd.phases.base import main
 
-    stage_main("base")
+    main()

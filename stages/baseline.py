@@ -1,10 +1,10 @@
 """Stage `baseline`: run by dvc.yaml as `python stages/baseline.py --spec SPEC --base DIR --data DIR --out DIR
 --curve CSV` (see `--help`)."""
 
-from flowopd.launch import pause_gc
+from flowopd.runtime.launch import pause_gc
 
 if __name__ == "__main__":
     pause_gc()  # until torch and the model library have imported (see pause_gc)
-    from flowopd.teachers import stage_main
+    from flowopd.phases.baseline import main
 
-    stage_main("baseline")
+    main()

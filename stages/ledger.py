@@ -2,7 +2,7 @@
 
 import sys
 
-from flowopd.ledger import stage_main
+from flowopd.results.ledger_cli import ledger_stage
 
 if __name__ == "__main__":
-    sys.exit(stage_main())
+    sys.exit(ledger_stage())

@@ -1,10 +1,10 @@
 """Stage `opd`: run by dvc.yaml as `python stages/opd.py --spec SPEC --init DIR --base DIR --teacher NAME=DIR ...
 --data DIR --out DIR --curve CSV` (see `--help`)."""
 
-from flowopd.launch import pause_gc
+from flowopd.runtime.launch import pause_gc
 
 if __name__ == "__main__":
     pause_gc()  # until torch and the model library have imported (see pause_gc)
-    from flowopd.opd import stage_main
+    from flowopd.phases.opd import main
 
-    stage_main()
+    main()

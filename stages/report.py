@@ -2,7 +2,7 @@
 
 import sys
 
-from flowopd.report import stage_main
+from flowopd.results.report_cli import report_stage
 
 if __name__ == "__main__":
-    sys.exit(stage_main())
+    sys.exit(report_stage())

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from flowopd.artifacts import sha256_file
+from flowopd.runtime.artifacts import sha256_file
 
 WEIGHT_FILES = ("model.safetensors", "adapter.safetensors")  # tiny, sd3
 

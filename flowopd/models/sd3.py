@@ -20,8 +20,8 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-from flowopd.launch import resume_gc
-from flowopd.models.base import Condition, transformer_velocity
+from flowopd.models.bundle import Condition, transformer_velocity
+from flowopd.runtime.launch import resume_gc
 
 resume_gc()  # the heavy imports are done; a stage entry point paused the collector for them
 

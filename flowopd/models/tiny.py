@@ -18,8 +18,8 @@ from diffusers import SD3Transformer2DModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from flowopd.launch import resume_gc
-from flowopd.models.base import Condition, transformer_velocity
+from flowopd.models.bundle import Condition, transformer_velocity
+from flowopd.runtime.launch import resume_gc
 
 resume_gc()  # the heavy imports are done; a stage entry point paused the collector for them
 
@@ -66,7 +66,7 @@ class TextEncoder(nn.Module):
 
 
 class TinyBundle:
-    """Bundle protocol (flowopd.models.base) over a pixel-space SD3 transformer."""
+    """Bundle protocol (flowopd.models.bundle) over a pixel-space SD3 transformer."""
 
     def __init__(self, config: dict):
         self.config = dict(config)

@@ -15,12 +15,11 @@ from flowopd.rewards.ocr import OCRReward
 from flowopd.rewards.pickscore import PickScoreReward
 from flowopd.rewards.quality import QualityReward
 from flowopd.rewards.remote import RemoteReward, RemoteRewardError
+from flowopd.spec.choices import NEEDS_SETTINGS, REWARD_SETTINGS
 from flowopd.world.grammar import Prompt, WorldConfig
 
 REWARDS = {"ocr": OCRReward, "objects": ObjectsReward, "quality": QualityReward, "pickscore": PickScoreReward,
            "remote": RemoteReward}
-NEEDS_SETTINGS = ("pickscore", "remote")  # cannot run without settings
-TAKES_SETTINGS = ("ocr", *NEEDS_SETTINGS)
 
 
 class Reward(Protocol):
@@ -39,7 +38,7 @@ def get_reward(name: str, world: WorldConfig | None = None, settings=None) -> Re
         raise KeyError(f"unknown reward {name!r}; expected one of {sorted(REWARDS)}")
     if settings is None and name in NEEDS_SETTINGS:
         raise ValueError(f"reward {name!r} needs settings (the spec's tasks.<task>.{name} mapping)")
-    if settings is not None and name not in TAKES_SETTINGS:
+    if settings is not None and name not in REWARD_SETTINGS:
         raise ValueError(f"reward {name!r} takes no settings")
     if name == "ocr":
         return OCRReward(world, settings)

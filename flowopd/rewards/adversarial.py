@@ -4,7 +4,7 @@
 Each case is cheap for a policy to find and ignores (part of) the prompt: a blank or noisy canvas, one fixed image
 for every prompt, the render of another prompt, a black blob, text where objects are asked and objects where text
 is asked, the wrong colour or shape, a part of the target, several copies of it, every object at once.
-tests/test_rewards_adversarial.py asserts each scores well below the ground-truth render;
+tests/rewards/test_rewards_adversarial.py asserts each scores well below the ground-truth render;
 benchmarks/bench_adversarial.py prints the table.
 """
 

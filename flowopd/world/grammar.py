@@ -11,7 +11,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-TASKS = ("text", "objects", "quality")
+from flowopd.spec.choices import TASK_FAMILIES
+
+TASKS = TASK_FAMILIES
 # Saturated RGB colours the renderer paints with and the object checker segments against.
 PALETTE = {
     "red": (220, 30, 30),

@@ -9,6 +9,7 @@ import functools
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+from flowopd.spec.choices import FLAWS
 from flowopd.world.grammar import PALETTE, ObjectGroup, Prompt, WorldConfig, objects_prompt, text_prompt
 
 BLACK = (0, 0, 0)
@@ -16,7 +17,7 @@ GLYPH_FONT_SIZE = 64  # letters are drawn large, then box-downsampled and thresh
 GLYPH_STROKE = 3
 OBJECT_SIZE = (9, 12)  # bounding-box side of a shape in pixels on a 32 px canvas (inclusive range)
 MIN_GAP = 3  # pixels of white between two objects' bounding boxes
-DEGRADATIONS = ("noise", "blur")
+DEGRADATIONS = FLAWS  # the spec's `base.flaws` keys
 # Each task's bad mode: what a share `base.bad_modes[task]` of the base's training pairs shows instead of the clean
 # render, so the base samples a good and a bad mode of every skill and a teacher can learn to pick the good one.
 # Bad modes differ from the clean render in low-frequency content (a global tone, a layout), which a flow model

@@ -1,0 +1,156 @@
+"""The SFT cold start: the routed teachers' samples, then the base fine-tuned on them by plain flow matching.
+
+Each teacher samples `samples_per_prompt` images for the train prompts routed to it (the cold start's own sampler),
+optionally only each prompt's best-reward sample is kept, then the base is fine-tuned on them with the flow-matching
+loss  L = || v_theta(x_s, s, c) - (e - x0) ||^2,  x_s = (1 - s) x0 + s e  (docs/method.md#cold-start).
+Several processes (accelerate launch) split it like the trainers (flowopd.runtime.processes): each sampling chunk's
+rows (every draw made for the whole chunk), the scoring, and each SFT batch's rows (every draw made for the whole
+batch, gradients summed), so they reach the 1-process weights up to float summation order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from flowopd.flow.sampler import sample
+from flowopd.methods.router import Router, format_summary
+from flowopd.models.bundle import Condition
+from flowopd.runtime.processes import Processes
+from flowopd.train.losses import flow_matching_loss
+from flowopd.train.policy import make_optimizer, prepare_policy
+from flowopd.train.streams import SFT_SAMPLE_STREAM, SFT_TRAIN_STREAM, step_generator
+
+SAMPLE_BATCH = 64  # rows per sampling call (fixed: the noise drawn depends on it)
+
+
+@torch.no_grad()
+def teacher_samples(teachers: dict, prompts: list, routes: list[str], sampler, samples_per_prompt: int, seed: int,
+                    progress: bool = True, processes: Processes | None = None) -> Tensor:
+    """x0 (N * G, ...): G = samples_per_prompt samples of prompt i in rows i G ... i G + G - 1, each drawn by the
+    teacher prompt i is routed to (teachers: name -> bundle). Each teacher draws from its own stream, keyed by its
+    name, so its samples do not depend on the other teachers. Several processes split each chunk of rows evenly
+    (a chunk that does not split is sampled whole by each) and gather them: every process returns all of x0."""
+    processes = processes or Processes()
+    missing = sorted(set(routes) - set(teachers))
+    if missing:
+        raise ValueError(f"prompts are routed to {missing} but no such teacher model was given")
+    group = samples_per_prompt
+    out = None
+    total = len(prompts) * group
+    bar = tqdm(total=total, desc="teacher samples", unit="img", disable=not progress or not processes.is_main,
+               dynamic_ncols=True)
+    for name in sorted(teachers):
+        mine = [i for i, route in enumerate(routes) if route == name]
+        if not mine:
+            continue
+        key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little")
+        bundle, generator = teachers[name], step_generator(seed, SFT_SAMPLE_STREAM, key)
+        rows = [i * group + j for i in mine for j in range(group)]
+        for start in range(0, len(rows), SAMPLE_BATCH):
+            chunk = rows[start : start + SAMPLE_BATCH]
+            share = (processes.index, processes.count) if len(chunk) % processes.count == 0 else (0, 1)
+            part = chunk[processes.rows(len(chunk))] if share[1] > 1 else chunk
+            cond = bundle.encode([prompts[r // group].text for r in part])
+            x = sample(bundle, cond, steps=sampler.steps, shift=sampler.shift, cfg=sampler.cfg,
+                       noise_level=sampler.noise_level, generator=generator,
+                       log_prob_reduction=sampler.logprob_reduction, share=share)
+            if share[1] > 1:
+                x = torch.cat(processes.gather_objects(x.cpu())).to(x.device)
+            if out is None:
+                out = torch.empty((total, *x.shape[1:]), dtype=x.dtype, device=x.device)
+            out[torch.as_tensor(chunk, device=x.device)] = x
+            bar.update(len(chunk))
+    bar.close()
+    return out
+
+
+def best_of_groups(scores, group: int) -> np.ndarray:
+    """Row index of each consecutive group's best score (the first on ties)."""
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1, group)
+    return np.arange(len(scores)) * group + scores.argmax(axis=1)
+
+
+def sft(bundle, x0: Tensor, texts: list[str], settings, seed: int, cfg_dropout: float = 0.0,
+        time_sampling: str = "logit_normal", progress: bool = True, processes: Processes | None = None) -> list[dict]:
+    """Fine-tune the bundle's transformer (or a LoRA adapter, settings.lora) on (x0, text) pairs with the
+    flow-matching loss for settings.steps batches of settings.batch_size; a share `cfg_dropout` of each batch sees
+    the empty prompt (keeps classifier-free guidance working). The text encoder stays frozen. Returns the curve.
+    Several processes: each takes its rows of every batch (batch_size a multiple of the count), gradients summed."""
+    processes = processes or Processes()
+    torch.manual_seed(seed)  # LoRA's gaussian A
+    params = list(prepare_policy(bundle, settings.lora).values())
+    optimizer = make_optimizer(params, settings.lr)
+    generator = step_generator(seed, SFT_TRAIN_STREAM, 0)
+    cond_all, null = bundle.encode(texts), bundle.encode([""])
+    curve, start = [], time.perf_counter()
+    bundle.transformer.train()
+    bar = tqdm(range(settings.steps), desc="sft", disable=not progress or not processes.is_main, dynamic_ncols=True)
+    if settings.batch_size % processes.count:
+        raise SystemExit(f"cold_start.batch_size {settings.batch_size} does not split over {processes.count} "
+                         "processes: make it a multiple of the process count")
+    rows = processes.rows(settings.batch_size) if processes.count > 1 else None
+    for step in bar:
+        idx = torch.randint(len(texts), (settings.batch_size,), generator=generator)
+        drop = (torch.rand(settings.batch_size, generator=generator) < cfg_dropout).to(x0.device)
+        picked = cond_all.index(idx.to(x0.device))
+        cond = Condition(
+            torch.where(drop[:, None, None], null.prompt_embeds, picked.prompt_embeds),
+            torch.where(drop[:, None], null.pooled, picked.pooled),
+        )
+        loss = flow_matching_loss(bundle, x0[idx.to(x0.device)], cond, generator, time_sampling, rows)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        processes.sum_gradients(params)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        value = processes.sum([loss.item()])[0]  # the whole batch's loss
+        curve.append({"step": step, "loss": value, "seconds": round(time.perf_counter() - start, 3)})
+        bar.set_postfix(loss=f"{value:.4f}")
+    bundle.transformer.eval()
+    return curve
+
+
+def sft_cold_start(spec, base, teachers: dict, prompts: list, tasks: list[str], progress: bool = True,
+                   processes: Processes | None = None):
+    """Route the prompts, sample the teachers, keep the best of each group (optional), fine-tune `base` in place.
+
+    best_of_group scores each sample with the reward of its prompt's task of origin (with task routing, the routed
+    teacher's task; rewards read the prompt's structured fields, so another task's reward would not apply).
+    -> (curve, info for the provenance).
+    """
+    from flowopd.rewards import task_reward
+    from flowopd.world.prompt_sets import world_config
+
+    settings, processes = spec.cold_start, processes or Processes()
+    router = Router.from_spec(spec)
+    routes = router.route_all(prompts, tasks)
+    counts = router.summary(prompts, tasks)
+    if processes.is_main:
+        print(format_summary(counts))
+    group = settings.samples_per_prompt
+    x0 = teacher_samples(teachers, prompts, routes, settings.sampler, group, spec.seed, progress, processes)
+    rows = np.arange(len(x0))
+    if settings.best_of_group and group > 1:
+        share = processes.split(len(x0))  # each process scores its rows; the scores are gathered
+        scores = np.empty(share.stop - share.start)
+        images = base.decode(x0[share])
+        for task in dict.fromkeys(tasks):
+            mine = np.array([r for r in rows[share] if tasks[r // group] == task], dtype=int)
+            if len(mine):
+                reward = task_reward(spec.tasks[task], world_config(spec))
+                local = mine - share.start
+                scores[local] = reward(images[local], [prompts[r // group] for r in mine])["score"]
+        rows = best_of_groups(np.concatenate(processes.gather_objects(scores)), group)
+    texts = [prompts[r // group].text for r in rows]
+    tiny = spec.model.kind == "tiny"
+    curve = sft(base, x0[torch.as_tensor(rows, device=x0.device)], texts, settings, spec.seed,
+                cfg_dropout=spec.base.cfg_dropout if tiny else 0.0,
+                time_sampling=spec.base.time_sampling if tiny else "logit_normal", progress=progress,
+                processes=processes)
+    return curve, {"routing": counts, "samples": len(rows)}

@@ -1,0 +1,76 @@
+"""Phase `eval`: a model artifact on every benchmark (each task's test prompts) for every evaluation seed.
+
+    python stages/eval.py --spec SPEC --model DIR --data DIR --label LABEL --out DIR [--metrics JSON]
+
+The folder holds metrics.json (per benchmark and metric: each seed's mean, their mean and std), samples.jsonl (every
+sample's scores, what the ledger's bootstrap resamples) and an image grid per benchmark. `--metrics` also writes the
+small file DVC shows (`dvc metrics show`, `dvc exp show`): the model's label and, keyed by what they measure, each
+benchmark's headline metric and `avg` (mean over benchmarks of headline / normaliser, as the report's).
+Several processes (FLOWOPD_PROCESSES, an accelerate config) split the sampling; the main one writes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from flowopd.phases.keys import sub_spec
+from flowopd.phases.stage_cli import load_checked_spec, stage_parser
+from flowopd.runtime.artifacts import atomic_folder, now, spec_identity, write_json, write_provenance
+from flowopd.runtime.launch import relaunch_if_asked
+
+
+def dvc_metrics(spec, label: str, headline: dict[str, float]) -> dict:
+    """{"model": label, <benchmark>: headline value, ..., "avg": mean of headline / normaliser}."""
+    avg = sum(value / spec.tasks[task].normaliser for task, value in headline.items()) / len(headline)
+    return {"model": label, **headline, "avg": avg}
+
+
+def run_eval(
+    spec, model_dir: Path, data_dir: Path, label: str, out: Path, metrics_path: Path | None = None, progress=True
+) -> None:
+    """Evaluate a model artifact; several processes (accelerate launch) split the sampling, the main one writes."""
+    from flowopd.evaluation.benchmark import evaluate
+    from flowopd.models.loading import load_model, weights_sha
+    from flowopd.runtime.processes import Processes
+
+    started, start = now(), time.time()
+    processes = Processes.from_environment()
+    bundle = load_model(spec, model_dir, processes.device)
+    if not processes.is_main:
+        evaluate(bundle, spec, data_dir, None, progress=False, processes=processes)
+        processes.wait()
+        return
+    with atomic_folder(out) as folder:
+        record = evaluate(bundle, spec, data_dir, folder, progress=progress, processes=processes)
+        write_provenance(
+            folder,
+            "eval",
+            sub_spec(spec, "eval"),
+            **spec_identity(spec),
+            model=label,
+            model_dir=str(model_dir),
+            model_sha256=weights_sha(model_dir),
+            model_sections_hash=json.loads((Path(model_dir) / "meta.json").read_text())["sections_hash"],
+            processes=processes.count,
+            started=started,
+            finished=now(),
+            seconds=round(time.time() - start, 2),
+        )
+    if metrics_path is not None:
+        write_json(metrics_path, dvc_metrics(spec, label, record["headline"]))
+    processes.wait()
+
+
+def main(argv: list[str] | None = None) -> None:
+    if argv is None:
+        relaunch_if_asked()  # the evaluation splits over processes (FLOWOPD_PROCESSES, an accelerate config)
+    parser = stage_parser("eval")
+    parser.add_argument("--model", required=True, type=Path, help="model artifact folder")
+    parser.add_argument("--data", required=True, type=Path, help="prompt sets folder (data phase)")
+    parser.add_argument("--label", required=True, help="row label in the report, e.g. base, flow_opd")
+    parser.add_argument("--metrics", type=Path, help="also write the headline metrics here (DVC metrics)")
+    args = parser.parse_args(argv)
+    spec = load_checked_spec(args, "eval")
+    run_eval(spec, args.model, args.data, args.label, args.out, args.metrics, progress=not args.no_progress)

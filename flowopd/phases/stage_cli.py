@@ -1,0 +1,58 @@
+"""The command line every stage entry point shares (`stages/<phase>.py`, the commands dvc.yaml runs).
+
+Options: `--spec` (the spec file), `--out` (the artifact folder, written atomically), `--no-progress`, and per phase
+its inputs (`--base`, `--data`, `--teacher NAME=DIR`, `--init`, `--model`) and side outputs (`--curve`,
+`--metrics`). Before any work, the spec is loaded (problems as one line each, no traceback) and the output folder's
+name is checked against the stage key the spec gives now (flowopd.phases.keys.check_stage_key).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from flowopd.phases.keys import check_stage_key
+from flowopd.spec.validation import load_spec_or_exit
+
+
+def stage_parser(phase: str) -> argparse.ArgumentParser:
+    """--spec, --out, --no-progress."""
+    parser = argparse.ArgumentParser(prog=f"stages/{phase}.py", description=f"run the {phase} phase of a spec")
+    parser.add_argument("--spec", required=True, type=Path, help="spec YAML file")
+    parser.add_argument("--out", required=True, type=Path, help="artifact folder to write (atomically)")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def add_model_inputs(parser: argparse.ArgumentParser, *, data_required: bool, teachers: bool = False) -> None:
+    """--base (tiny specs), --data, and with `teachers` the repeatable --teacher NAME=DIR."""
+    parser.add_argument("--base", type=Path, help="base model artifact folder (tiny specs)")
+    parser.add_argument("--data", required=data_required, type=Path, help="prompt sets folder (data phase)")
+    if teachers:
+        parser.add_argument("--teacher", action="append", metavar="NAME=DIR", help="a teacher artifact (repeatable)")
+
+
+def add_curve(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--curve", type=Path, help="also write the training curve here (DVC plots)")
+
+
+def load_checked_spec(args: argparse.Namespace, phase: str, teacher: str | None = None):
+    """The spec of `--spec`, after checking that `--out` is named for the stage key the spec gives this phase."""
+    spec = load_spec_or_exit(args.spec)
+    check_stage_key(spec, args.spec, phase, args.out, teacher)
+    return spec
+
+
+def parse_teacher_dirs(values: list[str] | None, spec) -> dict[str, Path]:
+    """['text=artifacts/teacher/abc', ...] -> {name: Path}; names must be the spec's teachers, each given once."""
+    dirs: dict[str, Path] = {}
+    for value in values or ():
+        name, sep, folder = value.partition("=")
+        if not sep or not name or not folder:
+            raise SystemExit(f"--teacher expects NAME=DIR, got {value!r}")
+        if name not in spec.teachers:
+            raise SystemExit(f"--teacher {name}: unknown teacher; the spec has {', '.join(spec.teachers)}")
+        if name in dirs:
+            raise SystemExit(f"--teacher {name} given twice")
+        dirs[name] = Path(folder)
+    return dirs

@@ -1,0 +1,328 @@
+"""dvc.yaml from the spec files: one stage per (phase, resolved sub-spec), shared by every spec that agrees.
+
+Two pipelines (PIPELINES): `dvc.yaml` runs specs/*.yaml and specs/ablations/*.yaml (the tiny world, what
+`dvc repro` runs here); `sd3/dvc.yaml` runs specs/sd3/*.yaml (SD3.5 Medium on GPUs: `cd sd3 && dvc repro`) as a DVC
+project of its own (so the root's `dvc status` and `dvc metrics show` never see its stages), writing under
+sd3/artifacts/ and sd3/reports/ (its own ledger and report); its commands run from the repository root (`cd ..`),
+and its code, specs and prompt files are dependencies outside its folder. Both follow the same rules:
+
+A stage is named and keyed by the hash of the sections its phase reads (`flowopd.phases.keys.PHASE_SECTIONS`), so:
+- editing evaluation settings changes only eval stages; editing the base changes the base and all downstream;
+- two specs with the same base settings share one `base-<hash>` stage and artifact;
+- each stage lists as DVC params only its own sections (OWN_SECTIONS): a section belongs to the first stage that
+  reads it (seed, world and tasks to data; model and base to base; a teacher's settings to its teacher; evaluation
+  to the eval stages), and reaches later stages through that stage's artifact, whose spec.json (hence DVC hash)
+  changes with it. They are taken from every file of the `extends` chain of the spec the command runs (the first
+  spec, in the pipeline's spec order, that has the stage). So dvc.lock does not repeat sections from stage to stage, an
+  edited section reruns the stage that owns it (which refuses a stale key, flowopd.phases.keys.check_stage_key), and
+  specs that only share a stage are not listed: adding one must not rerun it.
+- dvc.lock keeps only the stages of dvc.yaml: `write` drops the entries of stages that no longer exist.
+- a stage's code dependencies are its entry point and every flowopd module it can import (flowopd.pipeline.code_deps),
+  so a code edit reruns only the stages that can run it.
+- the data stage depends on the prompt files of `kind: file` tasks. Model and scorer folders (model.pretrained,
+  pickscore.model) are not dependencies: they may be hub ids.
+`flowopd pipeline write` regenerates both files; a test fails when a committed one is stale.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from flowopd.phases.keys import (
+    PHASE_SECTIONS,
+    baseline_sub_spec,
+    cold_start_sub_spec,
+    opd_sub_spec,
+    stage_key,
+    sub_spec_hash,
+    teacher_sub_spec,
+)
+from flowopd.pipeline.code_deps import stage_code_deps
+from flowopd.runtime.records import RUN_RECORD
+from flowopd.spec import extends_chain, load_spec
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One pipeline: its DVC project folder (holding dvc.yaml), the spec files it runs, where its artifacts and
+    reports go (paths relative to the repository root)."""
+
+    project: str
+    specs: tuple[str, ...]
+    artifacts: str
+    reports: str
+
+    @property
+    def dvc_yaml(self) -> str:
+        return os.path.normpath(f"{self.project}/dvc.yaml")
+
+    def local(self, path: str) -> str:
+        """A repository path as the project's dvc.yaml names it (relative to the project folder)."""
+        return os.path.relpath(path, self.project)
+
+    def localized(self, stage: dict) -> dict:
+        """A stage written with repository paths, as its project's dvc.yaml holds it: the command run from the
+        repository root, every dependency, output and params file relative to the project folder."""
+        if self.project == ".":
+            return stage
+
+        def paths(entries):
+            return [self.local(e) if isinstance(e, str) else {self.local(k): v for k, v in e.items()} for e in entries]
+
+        to_root = os.path.relpath(".", self.project)
+        return {key: f"cd {to_root} && {value}" if key == "cmd" else paths(value) for key, value in stage.items()}
+
+
+PIPELINES = (
+    Layout(".", ("specs/*.yaml", "specs/ablations/*.yaml"), "artifacts", "reports"),
+    Layout("sd3", ("specs/sd3/*.yaml",), "sd3/artifacts", "sd3/reports"),
+)
+TINY = PIPELINES[0]
+REPORT_OUTS = ["main_table.csv", "main_table.md", "main_table.tex", "mar_table.md", "exploit_table.md", "README.md",
+               "plots", "grids"]  # in the reports folder
+# The sections each phase lists as DVC params; sd3 has no base stage, so its training stages own `model` themselves.
+# `sampler` is the training phases' shared rollout sampler, which each inherits (so each lists it).
+OWN_SECTIONS = {
+    "data": ("seed", "world", "tasks"),
+    "base": ("model", "base"),
+    "teacher": ("sampler",),  # + teachers.<name>
+    "baseline": ("sampler", "baseline"),
+    "cold_start": ("router", "cold_start"),  # + sampler for sft
+    "opd": ("sampler", "router", "opd", "mar"),
+    "eval": ("evaluation",),
+}
+HEADER = (
+    "# Generated from specs/ by `flowopd pipeline write` (make repro runs it). Do not edit by hand:\n"
+    "# stages are keyed by the hash of the spec sections their phase reads, and shared across specs.\n"
+)
+
+
+def artifact_outs(folder: str) -> list:
+    """An artifact folder (cached, what later stages depend on) and its run record beside it: an output without
+    cache that no stage depends on, so a rerun's new times never make anything downstream stale."""
+    return [folder, {folder + RUN_RECORD: {"cache": False}}]
+
+
+def pipeline_specs(root: Path, layout: Layout = TINY) -> list[str]:
+    """Main specs first, then ablations, each sorted: the first spec of a shared stage names it in `cmd`."""
+    return [p for pattern in layout.specs for p in sorted(glob.glob(pattern, root_dir=root))]
+
+
+def prompt_files(spec) -> list[str]:
+    """The prompt files of the spec's `kind: file` tasks (relative to the repository root), each once."""
+    files = [path for task in spec.tasks.values() if task.prompts.kind == "file"
+             for path in (task.prompts.train, task.prompts.test)]
+    return sorted(set(files))
+
+
+def spec_params(root: Path, spec_path: str, keys: tuple[str, ...]) -> list[dict]:
+    """DVC params: for each file of the extends chain, the keys (`section` or `section.entry`) that file sets."""
+    params = []
+    for file, raw in extends_chain(root / spec_path):
+        present = [k for k in keys if _sets(raw, k)]
+        if present:
+            params.append({os.path.relpath(file, root): present})
+    return params
+
+
+def _sets(raw: dict, dotted: str) -> bool:
+    head, _, rest = dotted.partition(".")
+    return head in raw and (not rest or (isinstance(raw[head], dict) and rest in raw[head]))
+
+
+class _Builder:
+    """Collects stages across specs; a stage already added by an earlier spec is shared, not repeated."""
+
+    def __init__(self, root: Path, layout: Layout):
+        self.root, self.layout, self.stages = root, layout, {}
+        self.shards: dict[str, str] = {}  # eval out -> the model folder it evaluated (the ledger reads its curve)
+        self.anchor_task: str | None = None  # the MAR table's benchmark: the first spec's MAR anchor's task
+
+    def add(self, name: str, stage: dict, spec_path: str, param_keys: tuple[str, ...]) -> None:
+        if name not in self.stages:
+            self.stages[name] = self.layout.localized({**stage, "params": spec_params(self.root, spec_path,
+                                                                                      param_keys)})
+
+    def code(self, phase: str) -> list[str]:
+        """The stage's code dependencies: its entry point and every flowopd module it can import."""
+        return stage_code_deps(phase, self.root)
+
+    def artifact(self, phase: str, key: str) -> str:
+        return f"{self.layout.artifacts}/{phase}/{key}"
+
+    def train(self, phase: str, key: str, name: str, spec_path: str, args: str, param_keys, deps: list[str]) -> str:
+        """A training stage writing <artifacts>/<phase>/<key> and its curve; returns the artifact folder."""
+        out, curve = self.artifact(phase, key), f"{self.layout.reports}/curves/{phase}-{key}.csv"
+        cmd = " ".join(part for part in (f"python stages/{phase}.py --spec {spec_path}", args, f"--out {out}") if part)
+        stage = {"cmd": cmd, "deps": deps, "outs": artifact_outs(out)}
+        if phase != "cold_start":
+            stage["cmd"] += f" --curve {curve}"
+            stage["plots"] = [{curve: {"cache": False, "x": "step", "y": "loss" if phase == "base" else "reward"}}]
+        self.add(name, stage, spec_path, param_keys)
+        return out
+
+    def evaluate(self, spec_path: str, model_key: str, label: str, model_dir: str, data_dir: str, eval_key: str):
+        name, out = f"eval-{model_key}-{eval_key}", self.artifact("eval", f"{model_key}-{eval_key}")
+        metrics = f"{self.layout.reports}/metrics/{name}.json"
+        self.add(name, {
+            "cmd": f"python stages/eval.py --spec {spec_path} --model {model_dir} --data {data_dir} "
+                   f"--label {label} --out {out} --metrics {metrics}",
+            "deps": [*self.code("eval"), model_dir, data_dir],
+            "outs": artifact_outs(out),
+            "metrics": [{metrics: {"cache": False}}],
+        }, spec_path, OWN_SECTIONS["eval"])
+        self.shards[out] = model_dir
+
+    def ledger_and_report(self) -> None:
+        """The ledger ingests every eval shard (it keeps history across runs: persist, no DVC cache, rebuilt from
+        the shards if lost); the report reads the current shards' rows."""
+        if not self.shards:
+            return
+        db, reports, listed = f"{self.layout.reports}/ledger.duckdb", self.layout.reports, " ".join(self.shards)
+        quality = f" --quality-benchmark {self.anchor_task}" if self.anchor_task else ""
+        self.stages["ledger"] = self.layout.localized({
+            "cmd": f"python stages/ledger.py --db {db} {listed}",
+            "deps": [*self.code("ledger"), *self.shards, *sorted(set(self.shards.values()))],
+            "outs": [{db: {"persist": True, "cache": False}}],
+        })
+        self.stages["report"] = self.layout.localized({
+            "cmd": f"python stages/report.py --db {db} --out {reports}{quality} {listed}",
+            "deps": [*self.code("report"), db, *self.shards],
+            "outs": [{f"{reports}/{path}": {"cache": False}} for path in REPORT_OUTS],
+        })
+
+
+def build(root: Path = Path("."), layout: Layout = TINY) -> dict:
+    """The dvc.yaml mapping of a pipeline (by default the tiny one) for its spec files under `root`."""
+    root = Path(root)
+    b = _Builder(root, layout)
+    for spec_path in pipeline_specs(root, layout):
+        spec = load_spec(root / spec_path)
+        if b.anchor_task is None and spec.mar.anchor in spec.teachers:
+            b.anchor_task = spec.teachers[spec.mar.anchor].task
+        keys = {phase: sub_spec_hash(spec, phase)[:10] for phase in PHASE_SECTIONS}
+        data_dir = b.artifact("data", keys["data"])
+        b.add(f"data-{keys['data']}", {
+            "cmd": f"python stages/data.py --spec {spec_path} --out {data_dir}",
+            "deps": [*b.code("data"), *prompt_files(spec)],
+            "outs": artifact_outs(data_dir),
+        }, spec_path, OWN_SECTIONS["data"])
+        models = {}  # model key -> (report label, artifact folder)
+        own_model = () if spec.model.kind == "tiny" else ("model",)
+        base_dir, base_arg, base_deps = None, "", []
+        if spec.model.kind == "tiny":
+            base_dir = b.train("base", keys["base"], f"base-{keys['base']}", spec_path, "",
+                               OWN_SECTIONS["base"], b.code("base"))
+            base_arg, base_deps = f"--base {base_dir} ", [base_dir]
+            models[f"base-{keys['base']}"] = ("base", base_dir)
+        inputs = f"{base_arg}--data {data_dir}"
+        teacher_dirs = {}
+        for name, teacher in spec.teachers.items():
+            key = stage_key(teacher_sub_spec(spec, name))
+            params = (*own_model, *OWN_SECTIONS["teacher"], f"teachers.{name}")
+            teacher_dirs[name] = b.train("teacher", key, f"teacher-{teacher.task}-{key}", spec_path,
+                                         f"--teacher {name} {inputs}", params,
+                                         [*b.code("teacher"), *base_deps, data_dir])
+            models[f"teacher-{key}"] = (f"teacher:{name}", teacher_dirs[name])
+        if spec.baseline is not None:
+            key = stage_key(baseline_sub_spec(spec))
+            out = b.train("baseline", key, f"baseline-{key}", spec_path, inputs,
+                          (*own_model, *OWN_SECTIONS["baseline"]), [*b.code("baseline"), *base_deps, data_dir])
+            models[f"baseline-{key}"] = ("mixed_grpo", out)
+        if teacher_dirs:
+            teacher_args = " ".join(f"--teacher {name}={folder}" for name, folder in teacher_dirs.items())
+            teacher_deps = sorted(set(teacher_dirs.values()))
+            init_dir = base_dir
+            if spec.cold_start.method != "none":
+                key = stage_key(cold_start_sub_spec(spec))
+                sft = ("sampler",) if spec.cold_start.method == "sft" else ()
+                init_dir = b.train("cold_start", key, f"cold_start-{key}", spec_path, f"{inputs} {teacher_args}",
+                                   (*own_model, *sft, *OWN_SECTIONS["cold_start"]),
+                                   [*b.code("cold_start"), *base_deps, data_dir, *teacher_deps])
+            key = stage_key(opd_sub_spec(spec))
+            out = b.train("opd", key, f"opd-{key}", spec_path, f"{inputs} {teacher_args} --init {init_dir}",
+                          (*own_model, *OWN_SECTIONS["opd"]),
+                          [*b.code("opd"), *base_deps, data_dir, *teacher_deps, init_dir])
+            models[f"opd-{key}"] = (spec.label, out)
+        for model_key, (label, model_dir) in models.items():
+            b.evaluate(spec_path, model_key, label, model_dir, data_dir, keys["eval"])
+    b.ledger_and_report()
+    return {"stages": b.stages}
+
+
+def render(root: Path = Path("."), layout: Layout = TINY) -> str:
+    return HEADER + yaml.safe_dump(build(root, layout), sort_keys=False, width=120)
+
+
+def layouts(root: Path) -> list[Layout]:
+    """The pipelines that have spec files under `root`."""
+    return [layout for layout in PIPELINES if pipeline_specs(Path(root), layout)]
+
+
+def write(root: Path = Path(".")) -> list[str]:
+    """Write each pipeline's dvc.yaml and drop its dvc.lock's entries of stages it no longer has; returns the
+    dvc.yaml files that changed."""
+    changed = []
+    for layout in layouts(root):
+        path, text = Path(root) / layout.dvc_yaml, render(root, layout)
+        prune_lock(path.with_name("dvc.lock"), set(yaml.safe_load(text)["stages"]))
+        if not path.exists() or path.read_text() != text:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            changed.append(layout.dvc_yaml)
+        init_project(Path(root) / layout.project)
+    return changed
+
+
+def init_project(folder: Path) -> None:
+    """Make a pipeline's own folder a DVC project (`dvc init --subdir`, analytics off) unless it is one already;
+    the repository root is left to `dvc init` (make repro's set-up)."""
+    if (folder / ".dvc").is_dir() or not (folder.parent / ".dvc").is_dir():
+        return
+    for command in (("init", "--subdir", "-q"), ("config", "core.analytics", "false")):
+        subprocess.run([sys.executable, "-m", "dvc", *command], cwd=folder, check=True, capture_output=True)
+
+
+def prune_lock(lock: Path, live: set[str]) -> list[str]:
+    """Drop the dvc.lock entries of stages not in `live` (DVC keeps a removed stage's entry, and parses and rewrites
+    the whole file after every stage it runs). Returns the dropped names. The entries kept stay byte for byte: a
+    dead entry's lines (its `  name:` line and the deeper-indented ones after it) are cut from DVC's layout."""
+    if not lock.is_file():
+        return []
+    text = lock.read_text()
+    stages = (yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}).get("stages") or {}
+    dead = [name for name in stages if name not in live]
+    if not dead:
+        return []
+    kept, skipping = [], False
+    for line in text.splitlines(keepends=True):
+        entry = re.match(r"  (\S[^:]*):", line)
+        if entry:
+            skipping = entry.group(1).strip("'\"") in dead
+        elif not line.startswith("   "):  # `stages:`, `schema:`: top level again
+            skipping = False
+        if not skipping:
+            kept.append(line)
+    pruned = "".join(kept)
+    if set(yaml.safe_load(pruned).get("stages") or {}) != set(stages) - set(dead):
+        print(f"note: {lock} has an unexpected layout; its entries of removed stages are left in place")
+        return []
+    lock.write_text(pruned)
+    return dead
+
+
+def stale(root: Path = Path(".")) -> bool:
+    """Whether a committed dvc.yaml differs from what its specs give."""
+    for layout in layouts(root):
+        path = Path(root) / layout.dvc_yaml
+        if not path.exists() or path.read_text() != render(root, layout):
+            return True
+    return False

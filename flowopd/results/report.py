@@ -1,0 +1,264 @@
+"""The report: what the `report` stage writes into `reports/` from the ledger, for the current pipeline's eval shards
+(their run_ids pick the current rows of a ledger that keeps the whole history).
+
+- `main_table.csv` / `.md` / `.tex`: one row per model label, per task the headline metric (mean over prompts and
+  seeds) and `avg` = mean over tasks of headline / normaliser (the paper's Avg = mean(GenEval, OCR, DeQA/5,
+  PickScore/26)), each with its 95% bootstrap interval (`<column>_lo`, `<column>_hi`; `flowopd/bootstrap.py`);
+- `mar_table.md` (every metric of the quality benchmark), `exploit_table.md` (share of prompt-ignoring samples);
+- `plots/tasks.png`, `plots/curves_<phase>.png`, `grids/<model>_<task>.png`, and `README.md` indexing them all,
+  with the paper's claims decided from the intervals (`flowopd/claims.py`).
+The numbers come from `flowopd.results.tables` (the same frames a notebook gets) and are rendered by `flowopd.results.formats`.
+Polars, DuckDB and matplotlib are imported inside functions (fast `flowopd` start-up).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from flowopd.results.ledger import DEFAULT_DB, connect, shard_run_id
+from flowopd.runtime.artifacts import UMASK, atomic_folder, write_text
+
+if TYPE_CHECKING:
+    import polars as pl
+
+    from flowopd.results.tables import Results
+
+DEFAULT_OUT = Path("reports")
+DIGITS = 3  # decimals of every number the report prints (CSV: 6)
+CURVES_SQL = """
+SELECT r.phase, r.model, c.key, c.step, c.value
+FROM runs r JOIN curves c ON c.run_id = r.run_id
+WHERE r.run_id IN (SELECT run_id FROM wanted)
+ORDER BY r.phase, r.model, c.key, c.step
+"""
+INTERVALS = ("[lo, hi]: the 95% bootstrap confidence interval of the mean (prompts resampled with all their seeds, "
+             "4000 resamples, fixed seed; `flowopd/bootstrap.py`)")
+
+
+def safe_name(label: str) -> str:
+    """A model label as a file name: 'teacher:text' -> 'teacher-text'."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", label).strip("-") or "model"
+
+
+def runs_line(values: pl.DataFrame) -> str:
+    from flowopd.results.tables import model_order
+
+    runs = values.select("model", "run_id", "spec_name", "git_rev", "git_dirty").unique()
+    runs = sorted(runs.iter_rows(), key=lambda r: model_order(r[0]))
+    return ("Runs (ledger `run_id`; `flowopd ledger sql \"SELECT * FROM runs WHERE run_id = '...'\"`): "
+            + ", ".join(f"{m} `{r}` ({s}, git {(g or '?')[:8]}{'+dirty' if d else ''})" for m, r, s, g, d in runs)
+            + ".")
+
+
+def main_markdown(results: Results, frame: pl.DataFrame) -> str:
+    """The main table as Markdown, cells mean [lo, hi], and what the numbers are under it."""
+    import polars as pl
+
+    from flowopd.results.formats import markdown
+
+    info = results.values.group_by("benchmark").agg(pl.col("headline", "normaliser", "n").first(),
+                                                    pl.col("seed").n_unique())
+    info = {b: (h, z, n, s) for b, h, z, n, s in info.iter_rows()}
+    described = "; ".join(f"{t}: `{info[t][0]}` (normaliser {info[t][1]:g}, {info[t][2]} prompts, "
+                          f"{info[t][3]} seeds)" for t in results.tasks)
+    missing = "" if results.estimates else " The ledger holds no per-sample scores for these runs: no intervals."
+    return "\n".join([
+        "# Main table", "", markdown(frame, DIGITS),
+        ("Each task cell is the task's headline metric on its benchmark (the test prompts), the mean over prompts "
+         f"and seeds; {INTERVALS}. Bold: the best value of each column. Headline metrics: {described}.{missing}"), "",
+        ("`avg` = mean over tasks of headline / normaliser, as the paper's Avg = mean(GenEval, OCR, DeQA/5, "
+         "PickScore/26); its interval resamples each task's prompts. Two rows evaluated on the same prompts and "
+         "seeds share their resamples, so their difference has a paired interval (`flowopd report compare`, the "
+         "claims in `README.md`), often much narrower than the two rows' intervals suggest. `–`: no result."), "",
+        runs_line(results.values), "",
+    ])
+
+
+def mar_markdown(frame: pl.DataFrame, benchmark: str) -> str:
+    from flowopd.results.formats import markdown
+
+    if frame.height == 0:
+        return f"# MAR table\n\nNo evaluated model has a `{benchmark}` benchmark.\n"
+    return "\n".join([
+        f"# MAR table: the `{benchmark}` benchmark, every metric", "", markdown(frame, DIGITS),
+        (f"Mean over prompts and seeds; {INTERVALS}. Manifold Anchor Regularisation (MAR) keeps the student's steps "
+         "near the anchor's; compare `flow_opd` with `flow_opd:no_mar` (lambda 0) and `flow_opd:anchor_base` "
+         "(anchor = base)."), ""])
+
+
+def exploit_markdown(frame: pl.DataFrame) -> str:
+    from flowopd.results.formats import markdown
+    from flowopd.results.tables import EXPLOIT_METRIC
+
+    if frame.height == 0:
+        return (f"# Exploit table\n\nNo evaluated model records `{EXPLOIT_METRIC}` (the evaluation's prompt-ignoring "
+                "detector): nothing to show.\n")
+    return "\n".join([
+        "# Exploit table: share of prompt-ignoring samples", "", markdown(frame, DIGITS, best="min"),
+        ("Per model and benchmark, the share of samples (prompts x seeds) the evaluation's detector flags as "
+         f"ignoring the prompt (`{EXPLOIT_METRIC}`): a reward that scores high on such images is being exploited. "
+         f"Lower is better (bold: lowest); {INTERVALS}."), ""])
+
+
+def claims_markdown(claims: pl.DataFrame) -> str:
+    from flowopd.results.claims import claim_lines
+
+    return "\n".join([
+        "## The paper's claims", "",
+        ("Each claim compares a difference of means d = a − b, its 95% bootstrap interval [lo, hi] (prompts "
+         "resampled with their seeds, paired where both rows were evaluated on the same prompts and seeds), with a "
+         "threshold t on the claimed side d > t. **holds**: lo > t, the whole interval on the claimed side; "
+         "**fails**: hi < t, the whole interval on the other side; **unresolved**: the interval contains t, or a row "
+         "the claim needs is missing (named) or has no per-sample scores. A claim of several comparisons holds when "
+         "all hold, fails when any fails, and is unresolved otherwise (each interval is 95% on its own). Computed "
+         "by `flowopd/claims.py` (`flowopd report claims`)."), "",
+        *claim_lines(claims, DIGITS), ""])
+
+
+# ---------------------------------------------------------------- plots
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(figure, path: Path) -> None:
+    figure.tight_layout()
+    figure.savefig(path, dpi=110, metadata={"Software": None})  # no version stamp: same data, same bytes
+
+
+def plot_tasks(results: Results, frame: pl.DataFrame, path: Path) -> None:
+    """One panel per task (tasks have their own scales): a bar per model, the 95% interval as error bar."""
+    plt = _pyplot()
+    tasks, models = results.tasks, frame["model"].to_list()
+    figure, axes = plt.subplots(1, len(tasks), figsize=(2.2 + 1.1 * len(models) * len(tasks) ** 0.5, 3.4),
+                                squeeze=False)
+    colours = plt.get_cmap("tab10")
+    for ax, task in zip(axes[0], tasks):
+        means = [v if v is not None else float("nan") for v in frame[task].to_list()]
+        bounds = zip(frame[f"{task}_lo"].to_list(), frame[f"{task}_hi"].to_list())
+        errors = [(m - lo, hi - m) if lo is not None else (0.0, 0.0) for m, (lo, hi) in zip(means, bounds)]
+        ax.bar(range(len(models)), means, yerr=list(zip(*errors)) if errors else None, capsize=3,
+               color=[colours(i % 10) for i in range(len(models))])
+        ax.set_title(f"{task} ({results.headline[task]})")
+        ax.set_xticks(range(len(models)), models, rotation=35, ha="right", fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    _save(figure, path)
+    plt.close(figure)
+
+
+def plot_curves(curves: pl.DataFrame, phase: str, path: Path) -> None:
+    """One panel per curve key (loss, reward, kl, ...), a line per model; a faint raw line and a running mean."""
+    import polars as pl
+
+    from flowopd.results.tables import model_order
+
+    plt = _pyplot()
+    data = curves.filter(pl.col("phase") == phase)
+    keys = sorted(set(data["key"].to_list()) - {"seconds"}, key=lambda k: (k not in ("loss", "reward"), k))
+    figure, axes = plt.subplots(1, max(len(keys), 1), figsize=(4 * max(len(keys), 1), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for i, model in enumerate(sorted(data["model"].unique().to_list(), key=model_order)):
+            line = data.filter((pl.col("key") == key) & (pl.col("model") == model)).sort("step")
+            window = max(1, line.height // 50)
+            smooth = line["value"].rolling_mean(window_size=window, min_samples=1)
+            ax.plot(line["step"], line["value"], color=f"C{i}", alpha=0.25, linewidth=0.8)
+            ax.plot(line["step"], smooth, color=f"C{i}", label=model, linewidth=1.4)
+        ax.set_title(f"{phase}: {key}")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    _save(figure, path)
+    plt.close(figure)
+
+
+# ---------------------------------------------------------------- README and build
+def _readme(main: str, phases: list[str], grids: dict[str, dict[str, str]], tasks: list[str], mar: str,
+            exploit: str, claims: str, has_exploit: bool) -> str:
+    from flowopd.results.tables import model_order
+
+    columns = tasks + sorted({t for g in grids.values() for t in g} - set(tasks))
+    grid_table = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for model in sorted(grids, key=model_order):
+        cells = [f"[{t}](grids/{grids[model][t]})" if t in grids[model] else "–" for t in columns]
+        grid_table.append(f"| {model} | " + " | ".join(cells) + " |")
+    exploit_line = ("share of samples flagged as ignoring the prompt, per model and benchmark" if has_exploit else
+                    "empty: no evaluated model records `prompt_ignoring`")
+    lines = [
+        "# Reports", "",
+        "Written by the `report` stage (`python stages/report.py`) from the ledger; do not edit by hand.", "",
+        ("- [main_table.md](main_table.md) / [main_table.csv](main_table.csv) / [main_table.tex](main_table.tex): "
+         "one row per model, the headline metric per task and the normalised average `avg`, each the mean over "
+         "prompts and seeds with its 95% bootstrap interval (CSV: `<column>_lo`, `<column>_hi`; TeX: a booktabs "
+         "tabular for `\\input`)."),
+        "- [plots/tasks.png](plots/tasks.png): per-task bars per model, error bars the 95% intervals.",
+        "- [mar_table.md](mar_table.md): every metric of the quality benchmark per model, with and without MAR.",
+        f"- [exploit_table.md](exploit_table.md): {exploit_line}.",
+        *[f"- [plots/curves_{p}.png](plots/curves_{p}.png): training curves of the {p} phase, one line per model "
+          "(faint: raw, solid: running mean)." for p in phases],
+        ("- `ledger.duckdb`: every run ever ingested (tables runs, benchmarks, metrics, samples, curves, artifacts), "
+         "e.g. `flowopd ledger sql \"SELECT model, spec_name, finished FROM runs WHERE phase = 'eval'\"`."),
+        "- `metrics/` and `curves/`: the per-stage DVC metrics and plots (`dvc metrics show`, `dvc plots show`).", "",
+        claims,
+        ("Sample grids (`grids/<model>_<task>.png`): each model's first images of its first evaluation seed, the "
+         "prompt under each image:"), "",
+        *grid_table, "",
+        main.replace("# Main table", "## Main table", 1),
+        "![tasks](plots/tasks.png)", "",
+        mar.replace("# MAR table", "## MAR table", 1),
+        *([exploit.replace("# Exploit table", "## Exploit table", 1)] if has_exploit else []),
+    ]
+    return "\n".join(lines)
+
+
+def build(shards: list[str | Path], db: str | Path = DEFAULT_DB, out: str | Path = DEFAULT_OUT,
+          quality_benchmark: str = "quality") -> pl.DataFrame:
+    """Write the report of the current eval shards into `out`; returns the main table."""
+    from flowopd.results import formats as render
+    from flowopd.results import tables
+    from flowopd.results.claims import claims_frame
+
+    out = Path(out)
+    with connect(db, read_only=True) as con:
+        run_ids = tables.current_run_ids(con, shards, db)
+        results = tables.load_runs(con, run_ids)
+        parents = results.values["parent_run_id"].drop_nulls().unique().to_list()
+        curves = tables.query_runs(con, CURVES_SQL, parents)
+    shard_of = {shard_run_id(s): Path(s) for s in shards}
+    frame = results.main_table()
+    main, mar_frame, exploit_frame = (main_markdown(results, frame), results.metric_table(quality_benchmark),
+                                      results.exploit_table())
+    mar, exploit = mar_markdown(mar_frame, quality_benchmark), exploit_markdown(exploit_frame)
+    claims = claims_markdown(claims_frame(results, quality_benchmark))
+    caption = ("Main table: headline metric per task and avg (mean of headline / normaliser), mean over prompts "
+               "and seeds, [95% bootstrap interval]; bold: best per column.")
+    write_text(out / "main_table.csv", render.csv(frame))
+    write_text(out / "main_table.md", main)
+    write_text(out / "main_table.tex", render.latex(frame, DIGITS, caption=caption))
+    write_text(out / "mar_table.md", mar)
+    write_text(out / "exploit_table.md", exploit)
+    phases = sorted(curves["phase"].unique().to_list())
+    with atomic_folder(out / "plots") as folder:
+        plot_tasks(results, frame, folder / "tasks.png")
+        for phase in phases:
+            plot_curves(curves, phase, folder / f"curves_{phase}.png")
+    grids: dict[str, dict[str, str]] = {}  # model -> task -> file name
+    with atomic_folder(out / "grids") as folder:
+        for model, run_id in results.values.select("model", "run_id").unique().iter_rows():
+            for grid in shard_of[run_id].glob("grid_*.png"):
+                task = grid.stem.removeprefix("grid_")
+                name = f"{safe_name(model)}_{task}.png"
+                shutil.copyfile(grid, folder / name)
+                grids.setdefault(model, {})[task] = name
+    for folder in (out / "plots", out / "grids"):  # atomic_folder's temp folders are private
+        os.chmod(folder, 0o777 & ~UMASK)
+    write_text(out / "README.md", _readme(main, phases, grids, results.tasks, mar, exploit, claims,
+                                          exploit_frame.height > 0))
+    return frame

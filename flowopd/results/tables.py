@@ -1,0 +1,297 @@
+"""Paper tables from the ledger as Polars DataFrames: the numbers and intervals `reports/` shows, computed once.
+
+The report stage renders these frames (Markdown, CSV, LaTeX: `flowopd.results.formats`); a notebook uses them as they are:
+
+    from flowopd.results import tables
+    tables.sql("SELECT model, count(*) AS runs FROM runs GROUP BY model")   # any query, the ledger read-only
+    tables.main_table()                                     # the latest eval run of every model label
+    tables.main_table(rows=["teacher:*", "flow_opd", "specs/ablations/*.yaml"], columns=["text", "avg"])
+    tables.main_table(rows=["specs/ablations/*.yaml"], against="flow_opd")    # paired differences
+    tables.mar_table(); tables.exploit_table()
+    claims.claims(); compare.compare_frame("specs/a.yaml", "specs/b.yaml")   # flowopd.results.claims, .compare
+
+A cell is the mean over prompts and seeds of a metric (equal to the mean over seeds of metrics.json's values);
+`<column>_lo` / `<column>_hi` bound its 95% bootstrap interval (`flowopd.results.bootstrap`: prompts resampled with their
+seeds, paired across rows evaluated on the same prompts and seeds), null where the ledger holds no per-sample
+scores. `rows` entries are label globs (`teacher:*`) or spec globs (`specs/ablations/*.yaml`: each spec's label),
+in the order given; a label without results is a row of nulls (and a note on stderr), so a table never hides it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from flowopd.results import bootstrap
+from flowopd.results.bootstrap import Design, Estimate
+from flowopd.results.ledger import DEFAULT_DB, LedgerError, connect, shard_run_id
+
+EXPLOIT_METRIC = "prompt_ignoring"  # share of samples a detector flags as ignoring the prompt, per benchmark
+MEAN_TOLERANCE = 1e-6  # samples must average to metrics.json's values (float32 rounding aside), or go unused
+
+# Headline values of the wanted eval runs, one row per (run, benchmark, seed).
+HEADLINE_SQL = """
+SELECT r.run_id, r.model, r.finished, r.parent_run_id, r.shard, r.spec_name, r.spec_hash, r.git_rev, r.git_dirty,
+       b.benchmark, b.position, b.headline, b.normaliser, b.n, m.seed, m.value
+FROM runs r
+JOIN benchmarks b ON b.run_id = r.run_id
+JOIN metrics m ON m.run_id = b.run_id AND m.benchmark = b.benchmark AND m.metric = b.headline
+WHERE r.phase = 'eval' AND r.run_id IN (SELECT run_id FROM wanted)
+"""
+# The latest eval run per model label, among all runs or those of one spec (hash).
+LATEST_SQL = """
+SELECT run_id FROM runs WHERE phase = 'eval' AND (? IS NULL OR spec_hash = ?)
+QUALIFY row_number() OVER (PARTITION BY model ORDER BY finished DESC NULLS LAST, run_id) = 1
+"""
+# Every metric of the wanted eval runs, mean over seeds.
+MEANS_SQL = """
+SELECT r.model, m.benchmark, m.metric, avg(m.value) AS mean
+FROM runs r JOIN metrics m ON m.run_id = r.run_id
+WHERE r.run_id IN (SELECT run_id FROM wanted)
+GROUP BY r.model, m.benchmark, m.metric
+"""
+SAMPLES_SQL = """
+SELECT r.model, s.benchmark, s.metric, s.seed, s.prompt_index, s.prompt, s.value
+FROM runs r JOIN samples s ON s.run_id = r.run_id
+WHERE r.run_id IN (SELECT run_id FROM wanted)
+ORDER BY r.model, s.benchmark, s.metric, s.prompt_index, s.seed
+"""
+
+
+def note(message: str) -> None:
+    print(f"note: {message}", file=sys.stderr)
+
+
+def model_order(label: str) -> tuple:
+    """Report row order: base, teacher:* sorted, mixed_grpo, flow_opd, flow_opd:* sorted, anything else sorted."""
+    group = {"base": 0, "mixed_grpo": 2, "flow_opd": 3}.get(label)
+    if group is None:
+        group = 1 if label.startswith("teacher:") else 4 if label.startswith("flow_opd:") else 5
+    return (group, label)
+
+
+def sql(query: str, db: str | Path = DEFAULT_DB, params: list | None = None) -> pl.DataFrame:
+    """Any SQL on the ledger as a Polars DataFrame; the ledger is opened read-only (a held lock is retried)."""
+    import duckdb
+
+    with connect(db, read_only=True) as con:
+        try:
+            return con.sql(query, params=params).pl()
+        except duckdb.Error as err:
+            raise LedgerError(str(err).splitlines()[0]) from None
+
+
+def query_runs(con, query: str, run_ids: list[str]) -> pl.DataFrame:
+    """A query whose `wanted` table holds `run_ids`."""
+    con.register("wanted", pl.DataFrame({"run_id": run_ids}, schema={"run_id": pl.String}))
+    try:
+        return con.sql(query).pl()
+    finally:
+        con.unregister("wanted")
+
+
+def headline_values(con, run_ids: list[str]) -> pl.DataFrame:
+    """The headline rows of `run_ids`, keeping the latest run per model label (the others are noted)."""
+    values = query_runs(con, HEADLINE_SQL, run_ids)
+    runs = values.select("model", "run_id", "finished").unique().sort("finished", "run_id", nulls_last=False)
+    latest = runs.group_by("model").agg(pl.col("run_id").last())
+    dropped = runs.join(latest, on=["model", "run_id"], how="anti")
+    for model, run_id in dropped.select("model", "run_id").iter_rows():
+        note(f"{model}: run {run_id} is older than another current run of that label; not in the table")
+    return values.join(latest, on=["model", "run_id"], how="semi")
+
+
+def _cell(benchmark: str, group: pl.DataFrame) -> tuple[Design, np.ndarray] | None:
+    """A cell's design and prompt means (over seeds); None unless every prompt has every seed."""
+    group = group.sort("prompt_index", "seed")
+    prompts = group.select("prompt_index", "prompt").unique(maintain_order=True)
+    seeds = group["seed"].unique().sort().to_list()
+    if prompts["prompt_index"].n_unique() != prompts.height or group.height != prompts.height * len(seeds):
+        return None
+    design = Design(benchmark, tuple(prompts.iter_rows()), tuple(seeds))
+    return design, group["value"].to_numpy().reshape(prompts.height, len(seeds)).mean(axis=1)
+
+
+def sample_estimates(samples: pl.DataFrame, means: pl.DataFrame) -> dict[tuple[str, str, str], Estimate]:
+    """(model, benchmark, metric) -> bootstrap Estimate, for cells whose samples agree with their mean."""
+    cells = {}
+    for (model, benchmark, metric), group in samples.group_by("model", "benchmark", "metric", maintain_order=True):
+        cell = _cell(benchmark, group)
+        if cell is None:
+            note(f"{model}: {benchmark}.{metric}: samples do not cover every prompt x seed; no interval")
+        else:
+            cells[(model, benchmark, metric)] = cell
+    expected = {(m, b, k): v for m, b, k, v in means.iter_rows()}
+    estimates = {}
+    for key, estimate in bootstrap.estimate(cells).items():
+        if key in expected and abs(estimate.mean - expected[key]) <= MEAN_TOLERANCE * max(1.0, abs(expected[key])):
+            estimates[key] = estimate
+        else:
+            note(f"{key[0]}: {key[1]}.{key[2]}: samples average {estimate.mean:.6g}, not the recorded "
+                 f"{expected.get(key)}; no interval")
+    return estimates
+
+
+@dataclass
+class Results:
+    """The current eval runs, loaded once: headline values, every metric's mean, bootstrap estimates."""
+
+    values: pl.DataFrame  # headline value per model, run, benchmark, seed (with run provenance)
+    means: pl.DataFrame  # model, benchmark, metric, mean over seeds: every metric
+    estimates: dict[tuple[str, str, str], Estimate]
+
+    def __post_init__(self):
+        bench = self.values.group_by("benchmark").agg(pl.col("position").min(), pl.col("headline", "normaliser")
+                                                      .first()).sort("position", "benchmark")
+        self.tasks = bench["benchmark"].to_list()
+        self.headline = dict(zip(self.tasks, bench["headline"]))
+        self.normaliser = dict(zip(self.tasks, bench["normaliser"]))
+        self.models = sorted(set(self.means["model"].to_list()) | set(self.values["model"]), key=model_order)
+        self._mean = {(m, b, k): v for m, b, k, v in self.means.iter_rows()}
+
+    # ------------------------------------------------------------ cells
+    def mean(self, model: str, column: str, metric: str | None = None) -> float | None:
+        """A task's headline mean (or `metric`'s), or avg = mean over tasks of mean / normaliser."""
+        if column == "avg" and metric is None:
+            parts = [self.mean(model, t) for t in self.tasks]
+            if not parts or None in parts:
+                return None
+            return sum(p / self.normaliser[t] for p, t in zip(parts, self.tasks)) / len(self.tasks)
+        return self._mean.get((model, column, metric or self.headline.get(column)))
+
+    def estimate(self, model: str, column: str, metric: str | None = None) -> Estimate | None:
+        if column == "avg" and metric is None:
+            parts = [self.estimate(model, t) for t in self.tasks]
+            if not parts or None in parts:
+                return None
+            return Estimate.average(parts, [1 / (len(self.tasks) * self.normaliser[t]) for t in self.tasks])
+        return self.estimates.get((model, column, metric or self.headline.get(column)))
+
+    def difference(self, a: str, b: str, column: str, metric: str | None = None) -> Estimate | None:
+        """a - b with bootstrap draws (paired where a and b share prompts and seeds); None if either lacks them."""
+        ea, eb = self.estimate(a, column, metric), self.estimate(b, column, metric)
+        return None if ea is None or eb is None else ea - eb
+
+    # ------------------------------------------------------------ rows and columns
+    def select(self, rows: list[str] | None, exclude: tuple[str, ...] = ()) -> list[str]:
+        """Model labels in the order asked: label globs and spec globs (`*.yaml`: each spec's label)."""
+        if rows is None:
+            return [m for m in self.models if m not in exclude]
+        chosen: list[str] = []
+        for entry in rows:
+            if entry.endswith((".yaml", ".yml")):
+                labels = spec_labels(entry)
+            else:
+                labels = [m for m in self.models if fnmatch.fnmatchcase(m, entry)]
+                if not labels and not any(c in entry for c in "*?["):
+                    labels = [entry]
+                if not labels:
+                    note(f"no model label matches {entry!r}")
+            for label in labels:
+                if label not in self.models:
+                    note(f"{label}: no results in the ledger; its row is empty")
+                if label not in chosen:
+                    chosen.append(label)
+        return chosen
+
+    def cell(self, model: str, column: str, metric: str | None = None, against: str | None = None) -> tuple:
+        """(mean, lo, hi) of a cell, or of model - `against` with its paired interval; None where missing."""
+        value, estimate = self.mean(model, column, metric), self.estimate(model, column, metric)
+        if against is not None:
+            base = self.mean(against, column, metric)
+            value = None if value is None or base is None else value - base
+            estimate = self.difference(model, against, column, metric)
+        return (value, *(bootstrap.interval(estimate.draws) if estimate is not None else (None, None)))
+
+    def _frame(self, models: list[str], columns: list[tuple[str, str, str | None]], against: str | None = None):
+        """columns: (name, benchmark or 'avg', metric or None for the headline) -> name, name_lo, name_hi."""
+        data: dict[str, list] = {"model": models}
+        for name, column, metric in columns:
+            cells = [self.cell(model, column, metric, against) for model in models]
+            for suffix, values in zip(("", "_lo", "_hi"), zip(*cells) if cells else ([], [], [])):
+                data[name + suffix] = list(values)
+        return pl.DataFrame(data, schema={"model": pl.String} | {c: pl.Float64 for c in list(data)[1:]})
+
+    # ------------------------------------------------------------ the tables
+    def main_table(self, rows: list[str] | None = None, columns: list[str] | None = None,
+                   against: str | None = None) -> pl.DataFrame:
+        """model, then per task and avg: mean, _lo, _hi. `against`: each row minus that row (paired intervals)."""
+        available = [*self.tasks, "avg"]
+        columns = columns or available
+        unknown = [c for c in columns if c not in available]
+        if unknown:
+            raise LedgerError(f"no column {', '.join(unknown)}; the table has {', '.join(available)}")
+        models = self.select(rows, exclude=(against,) if against else ())
+        return self._frame(models, [(c, c, None) for c in columns], against)
+
+    def metric_table(self, benchmark: str, rows: list[str] | None = None) -> pl.DataFrame:
+        """Every metric of one benchmark (the MAR table: the quality benchmark), the models that have it."""
+        metrics = sorted(self.means.filter(pl.col("benchmark") == benchmark)["metric"].unique().to_list())
+        models = [m for m in self.select(rows) if any(self.mean(m, benchmark, k) is not None for k in metrics)]
+        return self._frame(models, [(k, benchmark, k) for k in metrics])
+
+    def exploit_table(self, rows: list[str] | None = None, metric: str = EXPLOIT_METRIC) -> pl.DataFrame:
+        """The share of prompt-ignoring samples per model and benchmark, where the evaluation recorded it."""
+        have = set(self.means.filter(pl.col("metric") == metric)["benchmark"].to_list())
+        benchmarks = [t for t in self.tasks if t in have] + sorted(have - set(self.tasks))
+        models = [m for m in self.select(rows) if any(self.mean(m, b, metric) is not None for b in benchmarks)]
+        return self._frame(models, [(b, b, metric) for b in benchmarks])
+
+
+def spec_labels(pattern: str) -> list[str]:
+    """The labels of the spec files a glob matches, in path order."""
+    from flowopd.spec import load_spec
+
+    paths = sorted(glob.glob(pattern))
+    if not paths:
+        raise LedgerError(f"no spec file matches {pattern}")
+    return [load_spec(p).label for p in paths]
+
+
+def load_runs(con, run_ids: list[str]) -> Results:
+    """Results of the given eval runs (the latest per label among them) from an open ledger connection."""
+    values = headline_values(con, run_ids)
+    kept = values["run_id"].unique().to_list()
+    means = query_runs(con, MEANS_SQL, kept)
+    has_samples = con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'samples'")
+    samples = query_runs(con, SAMPLES_SQL, kept) if has_samples.fetchall()[0][0] else None
+    estimates = sample_estimates(samples, means) if samples is not None and samples.height else {}
+    return Results(values, means, estimates)
+
+
+def current_run_ids(con, shards: list | None = None, db: str | Path = DEFAULT_DB, spec_hash: str | None = None):
+    """The eval runs of `shards` (each must be in the ledger), else the latest eval run of every label."""
+    if not shards:
+        return [r[0] for r in con.execute(LATEST_SQL, [spec_hash, spec_hash]).fetchall()]
+    run_of = {shard_run_id(s): Path(s) for s in shards}
+    known = {r[0] for r in con.execute("SELECT run_id FROM runs WHERE phase = 'eval'").fetchall()}
+    missing = [f"{path} (run {run_id})" for run_id, path in run_of.items() if run_id not in known]
+    if missing:
+        raise LedgerError(f"not in the ledger {db}, ingest first: " + ", ".join(missing))
+    return list(run_of)
+
+
+def load(db: str | Path = DEFAULT_DB, shards: list | None = None) -> Results:
+    """The current results: the runs of `shards` (eval shard folders), else the latest run of every label."""
+    with connect(db, read_only=True) as con:
+        return load_runs(con, current_run_ids(con, shards, db))
+
+
+def main_table(db: str | Path = DEFAULT_DB, shards: list | None = None, **options) -> pl.DataFrame:
+    """The main table (options: rows, columns, against; see Results.main_table)."""
+    return load(db, shards).main_table(**options)
+
+
+def mar_table(db: str | Path = DEFAULT_DB, shards: list | None = None, benchmark: str = "quality",
+              rows: list[str] | None = None) -> pl.DataFrame:
+    return load(db, shards).metric_table(benchmark, rows)
+
+
+def exploit_table(db: str | Path = DEFAULT_DB, shards: list | None = None, rows: list[str] | None = None):
+    return load(db, shards).exploit_table(rows)

@@ -1,0 +1,224 @@
+"""The whole spec: its sections, the defaults one section takes from another, checks that span sections, JSON Schema."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
+
+from flowopd.spec import choices as C
+from flowopd.spec.errors import dotted
+from flowopd.spec.extends import deep_merge
+from flowopd.spec.fields import (
+    DISCRIMINATORS,
+    Name,
+    NonNegInt,
+    Section,
+)
+from flowopd.spec.hashing import canonical_hash
+from flowopd.spec.model import BaseTraining, Model, SamplerSettings, SD3Model, TinyModel
+from flowopd.spec.tasks import Evaluation, Task, TinyPrompts, World
+from flowopd.spec.training import (
+    Baseline,
+    ColdStart,
+    MARSettings,
+    MergeColdStart,
+    OPDSettings,
+    Router,
+    Teacher,
+)
+
+
+class Spec(Section):
+    """A whole Flow-OPD experiment: world, model, base, tasks, teachers, baseline, cold start, OPD, eval."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+    label: str | None = None
+    """Row label in the report (e.g. "flow_opd:no_mar"); absent: the name."""
+    description: str = ""
+    seed: NonNegInt = 0
+    world: World = Field(default_factory=World)
+    model: Model = Field(default_factory=lambda: TinyModel(kind="tiny"))
+    base: BaseTraining = Field(default_factory=BaseTraining)
+    sampler: SamplerSettings = Field(default_factory=SamplerSettings)
+    """Rollout sampler of the training phases; each inherits it, overriding only the keys it sets."""
+    tasks: Annotated[dict[Name, Task], Field(min_length=1)]
+    teachers: Annotated[dict[Name, Teacher], Field(min_length=1)]
+    baseline: Baseline | None = None
+    router: Router
+    cold_start: ColdStart
+    opd: OPDSettings = Field(default_factory=OPDSettings)
+    mar: MARSettings = Field(default_factory=MARSettings)
+    evaluation: Evaluation = Field(default_factory=Evaluation)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_derived_defaults(cls, data):
+        """label <- name; phase samplers <- top-level sampler + own keys; evaluation.benchmarks <- tasks."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if data.get("label") is None and isinstance(data.get("name"), str):
+            data["label"] = data["name"]
+        if isinstance(data.get("tasks"), dict) and isinstance(data.get("evaluation", {}), dict):
+            evaluation = dict(data.get("evaluation") or {})
+            if evaluation.get("benchmarks") is None:
+                evaluation["benchmarks"] = sorted(data["tasks"])
+            data["evaluation"] = evaluation
+        top = data.get("sampler", {})
+        try:
+            top = top if isinstance(top, SamplerSettings) else SamplerSettings.model_validate(top)
+            top = top.model_dump()
+        except ValidationError:
+            return data  # reported once, at `sampler`, not again in every phase
+
+        def inherit(section, key="sampler"):
+            if section is None or not isinstance(section, dict):
+                return section
+            own = section.get(key, {})
+            return {**section, key: deep_merge(top, own) if isinstance(own, dict) else own}
+
+        def inherit_method(section):  # nft samples the ODE unless its sampler says otherwise
+            if not isinstance(section, dict):
+                return section
+            method = section.get("method", {"kind": "grpo"})
+            if not isinstance(method, dict) or not isinstance(method.get("sampler", {}), dict):
+                return section
+            own = dict(method.get("sampler", {}))
+            if method.get("kind") == "nft":
+                own.setdefault("noise_level", 0.0)
+            return {**section, "method": {**method, "sampler": deep_merge(top, own)}}
+
+        if isinstance(data.get("teachers"), dict):
+            data["teachers"] = {name: inherit_method(t) for name, t in data["teachers"].items()}
+        if isinstance(data.get("baseline"), dict):
+            data["baseline"] = inherit_method(data["baseline"])
+        if isinstance(data.get("cold_start"), dict) and data["cold_start"].get("method") == "sft":
+            data["cold_start"] = inherit(data["cold_start"])
+        data["opd"] = inherit(data.get("opd", {}))
+        return data
+
+    @model_validator(mode="after")
+    def _cross_field_checks(self):
+        problems = cross_field_problems(self)
+        if problems:
+            summary = "; ".join(f"{dotted(loc)}: {msg}" for loc, msg in problems)
+            raise PydanticCustomError("spec_checks", "{summary}", {"summary": summary, "problems": problems})
+        return self
+
+    def sections(self, *names: str) -> dict:
+        """The named top-level sections as JSON-ready data: the sub-spec a phase depends on."""
+        if not names:
+            raise ValueError("name at least one section")
+        unknown = [n for n in names if n not in type(self).model_fields]
+        if unknown:
+            raise KeyError(f"unknown sections {unknown}; sections: {', '.join(type(self).model_fields)}")
+        return self.model_dump(mode="json", include=set(names))
+
+    def section_hash(self, *names: str) -> str:
+        """sha256 of the canonical JSON of {name: section}: keys a phase's outputs on what it reads."""
+        return canonical_hash(self.sections(*names))
+
+
+def cross_field_problems(spec: Spec) -> list[tuple[tuple, str]]:
+    """Checks that span sections, as (loc, message); names must refer to defined tasks and teachers."""
+    tasks, teachers = list(spec.tasks), list(spec.teachers)
+    problems = []
+
+    def expect(ok, loc, msg):
+        if not ok:
+            problems.append((loc, msg))
+
+    def one_of(names):
+        return ", ".join(repr(n) for n in dict.fromkeys(names))
+
+    if isinstance(spec.model, TinyModel):
+        expect(spec.world.canvas % spec.model.patch_size == 0, ("model", "patch_size"),
+               f"patch_size {spec.model.patch_size} does not divide world.canvas {spec.world.canvas}")
+    for name, task in spec.tasks.items():
+        tiny_prompts = isinstance(task.prompts, TinyPrompts)
+        if isinstance(spec.model, SD3Model):
+            expect(task.reward not in C.TINY_WORLD_REWARDS, ("tasks", name, "reward"),
+                   f"reward {task.reward!r} scores the tiny world's renders; an sd3 spec uses ocr, pickscore or remote")
+        expect(task.reward != "objects" or tiny_prompts, ("tasks", name, "reward"),
+               "reward 'objects' needs the tiny world's structured prompts (prompts.kind tiny)")
+        if task.reward == "ocr" and task.ocr is None:
+            expect(tiny_prompts and isinstance(spec.model, TinyModel), ("tasks", name, "ocr"),
+                   "the tiny world's OCR reader reads only tiny renders of tiny prompts; "
+                   "add `ocr: {}` for the scene reader")
+    for name, teacher in spec.teachers.items():
+        expect(name not in C.ROUTER_DEFAULTS, ("teachers", name),
+               f"{name!r} is reserved (router.default and mar.anchor give it a meaning)")
+        expect(teacher.task in tasks, ("teachers", name, "task"),
+               f"unknown task {teacher.task!r}; defined: {one_of(tasks)}")
+    if spec.baseline is not None:
+        for task in spec.baseline.weights:
+            expect(task in tasks, ("baseline", "weights", task),
+                   f"unknown task {task!r}; defined: {one_of(tasks)}")
+        expect(any(spec.baseline.weights.values()), ("baseline", "weights"), "all weights are zero")
+    for i, rule in enumerate(spec.router.rules):
+        expect(rule.teacher in teachers, ("router", "rules", i, "teacher"),
+               f"unknown teacher {rule.teacher!r}; defined: {one_of(teachers)}")
+        if rule.task is not None:
+            expect(rule.task in tasks, ("router", "rules", i, "task"),
+                   f"unknown task {rule.task!r}; defined: {one_of(tasks)}")
+    default = spec.router.default
+    expect(default in teachers or default in C.ROUTER_DEFAULTS, ("router", "default"),
+           f"unknown teacher {default!r}; expected one of {one_of(teachers + list(C.ROUTER_DEFAULTS))}")
+    if default == "error":
+        if not spec.router.rules:
+            problems.append((("router", "rules"), 'no rules and default "error": no prompt can be routed'))
+        elif all(rule.task is not None for rule in spec.router.rules):
+            routed = {rule.task for rule in spec.router.rules}
+            for task in dict.fromkeys(t.task for t in spec.teachers.values()):
+                expect(task in routed, ("router", "rules"),
+                       f'task {task!r} matches no rule and default is "error"')
+    expect(spec.mar.anchor in teachers or spec.mar.anchor == "base", ("mar", "anchor"),
+           f"unknown anchor {spec.mar.anchor!r}; expected one of {one_of(teachers + ['base'])}")
+    if isinstance(spec.cold_start, MergeColdStart):
+        weights = spec.cold_start.weights
+        for name in weights:
+            expect(name in teachers, ("cold_start", "weights", name),
+                   f"unknown teacher {name!r}; defined: {one_of(teachers)}")
+        missing = [t for t in teachers if t not in weights]
+        expect(not missing, ("cold_start", "weights"), f"no weight for teachers {one_of(missing)}")
+        expect(any(weights.values()), ("cold_start", "weights"), "all weights are zero")
+    for i, task in enumerate(spec.evaluation.benchmarks or ()):
+        expect(task in tasks, ("evaluation", "benchmarks", i),
+               f"unknown task {task!r}; defined: {one_of(tasks)}")
+    n = spec.evaluation.n_prompts
+    for name in spec.evaluation.benchmarks or ():
+        prompts = spec.tasks[name].prompts if name in spec.tasks else None
+        if n is not None and isinstance(prompts, TinyPrompts):
+            expect(n <= prompts.n_test, ("evaluation", "n_prompts"),
+                   f"{n} exceeds the test set of task {name!r} (n_test {prompts.n_test})")
+    return problems
+
+
+def json_schema() -> dict:
+    """JSON Schema for editors. `required` is kept only for kind / method, so partial files that use `extends`
+    validate too; `flowopd spec validate` checks the rest."""
+    schema = Spec.model_json_schema()
+
+    def relax(node):
+        if isinstance(node, dict):
+            if isinstance(node.get("required"), list):
+                kept = [r for r in node["required"] if r in DISCRIMINATORS]
+                if kept:
+                    node["required"] = kept
+                else:
+                    del node["required"]
+            for value in node.values():
+                relax(value)
+        elif isinstance(node, list):
+            for value in node:
+                relax(value)
+
+    relax(schema)
+    schema["properties"] = {
+        "extends": {"type": "string", "description": "Path of a spec this one starts from (relative to this "
+                    "file's folder); mappings merge, lists and scalars replace."},
+        **schema["properties"],
+    }
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}

@@ -1,0 +1,303 @@
+"""The training sections: teachers and the mixed baseline (GRPO or NFT), the router, the cold start, OPD and MAR."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_serializer, model_validator
+
+from flowopd.spec import choices as C
+from flowopd.spec.fields import (
+    Bool,
+    Decay,
+    Fraction,
+    Name,
+    NonNegFloat,
+    NonNegInt,
+    PositiveFloat,
+    PositiveInt,
+    Section,
+)
+from flowopd.spec.model import LoraSettings, SamplerSettings
+
+
+class EmaSettings(Section):
+    """EMA of the trained weights, what gets evaluated and saved (Flow-GRPO: 0.9 every 8 steps)."""
+
+    decay: Decay = 0.9
+    every: PositiveInt = 8
+
+
+class GRPOSettings(Section):
+    """Flow-GRPO: group-relative advantages, PPO-clip, KL to the frozen base (docs/method.md#teachers-flow-grpo)."""
+
+    group_size: Annotated[int, Field(strict=True, ge=2)] = 8
+    prompts_per_step: PositiveInt = 4
+    steps: PositiveInt = 150
+    lr: PositiveFloat = 3e-4
+    clip_eps: PositiveFloat = 1e-4
+    beta: NonNegFloat = 0.04
+    """Weight of KL(policy step || base step)."""
+    adv_std: Literal[C.ADVANTAGE_STDS] = "group"
+    """Advantage denominator: std over the group, or over all rewards of the step."""
+    adv_clip: PositiveFloat = 5.0
+    timestep_fraction: Fraction = 1.0
+    """Share of the (trainable) sampler steps trained per rollout."""
+    inner_epochs: PositiveInt = 1
+    grad_clip: PositiveFloat | None = 1.0
+    cfg_train: Bool = True
+    """Train on the guided velocity (the rollout policy) rather than the conditional one."""
+    sampler: SamplerSettings = Field(default_factory=SamplerSettings)
+    ema: EmaSettings | None = Field(default_factory=EmaSettings)
+    lora: LoraSettings | None = None
+    """Adapter to train; null: the model's lora (sd3) or all weights (tiny)."""
+    checkpoint_every: PositiveInt = 50
+
+    @model_validator(mode="after")
+    def _sde_rollouts(self):
+        if self.sampler.noise_level <= 0:
+            raise ValueError("GRPO needs the SDE sampler (sampler.noise_level > 0) for its log-probs")
+        if self.sampler.steps < 2:
+            raise ValueError("GRPO needs sampler.steps >= 2 (the last step, to sigma 0, is never trained)")
+        return self
+
+
+class GRPOMethod(GRPOSettings):
+    """Flow-GRPO (flowopd/grpo.py): the paper's teacher trainer."""
+
+    kind: Literal["grpo"]
+
+
+class NFTMethod(Section):
+    """DiffusionNFT (flowopd/nft.py): flow matching on the policy's own samples, good ones against bad ones."""
+
+    kind: Literal["nft"]
+    group_size: Annotated[int, Field(strict=True, ge=2)] = 8
+    prompts_per_step: PositiveInt = 4
+    steps: PositiveInt = 100
+    lr: PositiveFloat = 1e-4
+    beta: PositiveFloat = 1.0
+    """Strength of the implicit policies v+- = v_old +- beta (v - v_old); the trust region is ~1 / beta."""
+    kl_beta: NonNegFloat = 0.0
+    """Weight of ||v - v_ref||^2, the velocity-space KL to the frozen starting model."""
+    adv_std: Literal[C.ADVANTAGE_STDS] = "group"
+    adv_clip: PositiveFloat = 1.0
+    """Advantages clipped to +-adv_clip, then mapped onto the optimality r = A / (2 adv_clip) + 1/2 in [0, 1]."""
+    train_times: PositiveInt = 4
+    """Noise levels (each with fresh noise) per sample and optimizer step."""
+    time_fraction: Fraction = 1.0
+    """Noise levels are drawn from the first (noisiest) share of the sampler's grid."""
+    old_decay: Decay = 0.0
+    """EMA decay of the sampling policy v_old towards the trained weights after each step (0: the last weights)."""
+    inner_epochs: PositiveInt = 1
+    grad_clip: PositiveFloat | None = 1.0
+    cfg_train: Bool = True
+    """Train the guided velocity (unconditional branch detached) and sample at the sampler's cfg; false: the
+    conditional velocity, sampled at cfg 1."""
+    sampler: SamplerSettings = Field(default_factory=lambda: SamplerSettings(noise_level=0.0))
+    ema: EmaSettings | None = Field(default_factory=EmaSettings)
+    lora: LoraSettings | None = None
+    """Adapter to train; null: the model's lora (sd3) or all weights (tiny)."""
+    checkpoint_every: PositiveInt = 50
+
+    @field_validator("sampler")
+    @classmethod
+    def _no_sde_window(cls, value):
+        if value.sde_window is not None:
+            raise ValueError("nft trains on the rollouts' final samples, not on their steps: an sde_window (a GRPO "
+                             "option) does nothing here; remove it")
+        return value
+
+
+TeacherMethod = Annotated[GRPOMethod | NFTMethod, Field(discriminator="kind")]
+
+
+class Teacher(Section):
+    """A task teacher: a single-reward trainer (method.kind) on one task's train prompts, from the base."""
+
+    task: Name
+    method: TeacherMethod = Field(default_factory=lambda: GRPOMethod(kind="grpo"))
+    """The trainer (`kind: grpo | nft`) and its settings; default Flow-GRPO."""
+
+
+class Baseline(Section):
+    """Mixed-reward training, one policy on all tasks: the seesaw baseline Flow-OPD must beat. Give it the
+    teachers' method so the comparison is fair."""
+
+    weights: Annotated[dict[Name, NonNegFloat], Field(min_length=1)]
+    """Per task: weight of its reward in the sum."""
+    advantage: Literal[C.ADVANTAGE_MODES] = "joint"
+    """joint: normalise the weighted reward sum; per_reward: normalise each reward's advantage, then sum."""
+    method: TeacherMethod = Field(default_factory=lambda: GRPOMethod(kind="grpo"))
+    """The trainer and its settings; give it the teachers' method."""
+
+
+class RouterRule(Section):
+    """Hard routing: a prompt matching this rule is distilled from `teacher`. Exactly one matcher per rule."""
+
+    teacher: Name
+    task: Name | None = None
+    """Match prompts of this task (their dataset of origin)."""
+    keywords: Annotated[tuple[Annotated[str, Field(min_length=1)], ...], Field(min_length=1)] | None = None
+    """Match prompts containing any of these words (case-insensitive)."""
+    regex: Annotated[str, Field(min_length=1)] | None = None
+    """Match prompts where this Python regular expression is found."""
+
+    @field_validator("regex")
+    @classmethod
+    def _compiles(cls, value):
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as err:
+                raise ValueError(f"invalid regular expression: {err}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _one_matcher(self):
+        given = [m for m in ("task", "keywords", "regex") if getattr(self, m) is not None]
+        if len(given) != 1:
+            given = ", ".join(given) or "none"
+            raise ValueError(f"a rule needs exactly one of task, keywords, regex (got {given})")
+        return self
+
+
+class Router(Section):
+    """Rules tried in order; `default` (a teacher, "base" or "error") takes prompts no rule matches."""
+
+    rules: tuple[RouterRule, ...] = ()
+    default: str = "error"
+
+
+class MergeColdStart(Section):
+    """Student = merge of the teachers (linear: weights normalised to sum 1; task arithmetic / TIES: base +
+    scale * sum_k w_k (theta_k - base))."""
+
+    method: Literal["merge"]
+    mode: Literal[C.MERGE_MODES] = "linear"
+    weights: Annotated[dict[Name, NonNegFloat], Field(min_length=1)]
+    """Per teacher, all teachers named."""
+    lora_merge: Literal[C.LORA_MERGES] = "product"
+    """LoRA teachers: merge the products B A (correct) or the factors A, B separately (reference code)."""
+    ties_density: Fraction = 0.2
+    scale: PositiveFloat = 1.0
+
+
+class SFTColdStart(Section):
+    """Student = base fine-tuned by flow matching on samples each teacher draws for its routed prompts."""
+
+    method: Literal["sft"]
+    steps: PositiveInt = 200
+    batch_size: PositiveInt = 32
+    lr: PositiveFloat = 1e-4
+    samples_per_prompt: PositiveInt = 4
+    best_of_group: Bool = False
+    """Keep only each prompt's best-reward sample."""
+    sampler: SamplerSettings = Field(default_factory=SamplerSettings)
+    lora: LoraSettings | None = None
+
+
+class NoColdStart(Section):
+    """Student = the base model."""
+
+    method: Literal["none"]
+
+
+ColdStart = Annotated[MergeColdStart | SFTColdStart | NoColdStart, Field(discriminator="method")]
+
+
+class QuerySettings(Section):
+    """Where velocity_mse queries the routed teacher: one state per rollout, its sampler step drawn per sample."""
+
+    steps: tuple[NonNegInt, NonNegInt] | None = None
+    """[first, last] sampler steps to draw from (inclusive; 0 is pure noise, steps - 1 the last state before the
+    sample); null: the low-noise half [steps // 2, steps - 1] (DiffusionOPSD's DanceOPD run)."""
+    draw: Literal[C.QUERY_DRAWS] = "uniform"
+    """uniform over the range, or beta: u ~ Beta(5, 2) mapped onto it, biased to its low-noise end (DanceOPD's
+    default over the whole trajectory)."""
+
+    @field_validator("steps")
+    @classmethod
+    def _ordered(cls, value):
+        if value is not None and value[0] > value[1]:
+            raise ValueError(f"first step {value[0]} is after last step {value[1]}")
+        return value
+
+
+class OPDSettings(Section):
+    """Multi-teacher on-policy distillation: the routed teacher's step at the student's own states."""
+
+    estimator: Literal[C.ESTIMATORS] = "sampled"
+    """How the per-step distance to the teacher trains the student (flowopd/methods/opd_objectives.py; docs/estimators.md). PPO on a
+    per-step reward: sampled (log p_teacher - log p_student at the student's x'), analytic (-KL in closed form,
+    detached). Differentiated: analytic_grad (the closed-form step KL, GKD-style: DiffusionOPD's objective on SDE
+    rollouts), diffusion_opd (DiffusionOPD's code: ||mu_S - mu_T||^2 / 2 on ODE rollouts, / (2 a^2 s / (1 - s)) on
+    the SDE), velocity_mse (DanceOPD: ||v_S - v_T||^2 at one low-noise state per rollout, see `query`). The first
+    three need the SDE sampler (noise_level > 0); the last two also take the ODE (noise_level 0)."""
+    credit: Literal[C.CREDITS] = "step"
+    """step: one reward per sample and trained step, advantage of the step's log-prob (the paper's); element: each
+    latent element's log-ratio is the advantage of that element's log-prob (per-token OPD with the elements as
+    tokens): the same expected gradient without the other elements' noise. Only sampled and analytic have a reward
+    to credit."""
+    query: QuerySettings | None = None
+    """velocity_mse only: which state of each rollout is queried; null: QuerySettings' defaults."""
+    reward_to_go: Bool = False
+    normalize_advantage: Bool = False
+    clip_eps: PositiveFloat = 1e-4
+    group_size: PositiveInt = 8
+    prompts_per_step: PositiveInt = 4
+    steps: PositiveInt = 200
+    lr: PositiveFloat = 3e-4
+    timestep_fraction: Fraction = 1.0
+    inner_epochs: PositiveInt = 1
+    grad_clip: PositiveFloat | None = 1.0
+    cfg_train: Bool = True
+    sampler: SamplerSettings = Field(default_factory=SamplerSettings)
+    ema: EmaSettings | None = Field(default_factory=EmaSettings)
+    lora: LoraSettings | None = None
+    checkpoint_every: PositiveInt = 50
+
+    @model_validator(mode="after")
+    def _element_credit_has_no_reward_to_go(self):
+        if self.credit == "element" and self.reward_to_go:
+            raise ValueError("reward_to_go sums whole steps' rewards: it needs credit: step (credit: element "
+                             "rewards each element with its own log-ratio)")
+        return self
+
+    @model_validator(mode="after")
+    def _flow_sde_only(self):
+        if self.sampler.sde != "flow" or self.sampler.sde_window is not None:
+            raise ValueError("OPD's step rewards and KLs are written for the flow SDE on every step: sampler.sde "
+                             "must be flow and sampler.sde_window unset (cps and windows are teacher options)")
+        return self
+
+    @model_validator(mode="after")
+    def _estimator_fits_the_sampler(self):
+        if self.sampler.steps < 2:
+            raise ValueError("OPD needs sampler.steps >= 2 (the last step, to sigma 0, is never trained)")
+        if self.estimator in C.SDE_ESTIMATORS and self.sampler.noise_level == 0:
+            raise ValueError(f"estimator {self.estimator} needs the SDE sampler (sampler.noise_level > 0) for its "
+                             "Gaussian steps; on the ODE use diffusion_opd or velocity_mse")
+        if self.query is not None:
+            if self.estimator != "velocity_mse":
+                raise ValueError(f"query applies to estimator velocity_mse, not {self.estimator}")
+            if self.query.steps is not None and self.query.steps[1] >= self.sampler.steps:
+                raise ValueError(f"query.steps {list(self.query.steps)} reaches past the sampler's last step "
+                                 f"{self.sampler.steps - 1}")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_absent_query(self, handler):
+        """An unset query is left out of the dump, so specs written before it existed keep their hash."""
+        data = handler(self)
+        return {k: v for k, v in data.items() if not (k == "query" and v is None)}
+
+
+class MARSettings(Section):
+    """Manifold Anchor Regularisation: loss += weight * KL(student step || anchor step)."""
+
+    anchor: str = "base"
+    """A teacher name (the aesthetic / quality teacher) or "base"."""
+    weight: NonNegFloat = 0.02
+    """lambda; 0 turns MAR off."""

@@ -1,0 +1,185 @@
+"""On-policy rollouts and their rewards: what every trainer draws at step k (GRPO, OPD, the supervised-style ones).
+
+A step's rollout: P prompts drawn from the training pool (stream PROMPT_STREAM), each sampled G times in a row with
+the spec's sampler (SDE: x_{s_0} ... x_{s_T}, log-probs and step means; noise_level 0: the Euler ODE), its noise from
+NOISE_STREAM. Everything derives from (seed, stream, k), so a resumed run draws step k alike, and over several
+processes each one samples its contiguous share of the same global batch (flowopd.runtime.processes).
+
+Rewards: reward k scores the samples whose prompt comes from task k; group advantages normalise them per prompt
+(docs/method.md#teachers-flow-grpo):  A = (R - mean_group) / (std + 1e-4), std over the group or the whole step, clipped.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from flowopd.flow.sampler import Trajectory, sample
+from flowopd.models.bundle import Condition
+from flowopd.runtime.processes import Processes
+from flowopd.train.streams import NOISE_STREAM, PROMPT_STREAM, step_generator, step_rng
+
+ADV_EPS = 1e-4
+
+
+@dataclass
+class Rollout:
+    """One step's samples: each chosen prompt G times in a row (this process's rows of them)."""
+
+    prompts: list  # (N,) flowopd.world.Prompt
+    tasks: np.ndarray  # (N,) index of the reward (GRPO) or the teacher (OPD) of each sample
+    cond: Condition  # (N, ...)
+    trajectory: Trajectory  # latents (T+1, N, ...); log_probs (T, N) and means under the rollout policy (SDE)
+    images: np.ndarray | None  # (N, H, W, 3) uint8, None when not decoded
+
+
+def draw_rollout(bundle, prompts: list, prompt_tasks: np.ndarray, sampler, prompts_per_step: int, group_size: int,
+                 seed: int, step: int, processes: Processes, decode: bool = True, transformer=None) -> Rollout:
+    """Step `step`'s rollout of `bundle` (no grad, eval mode); `decode`: also the images the rewards score;
+    `transformer`: sample another copy of the transformer than the bundle's (NFT's sampling policy)."""
+    rng = step_rng(seed, PROMPT_STREAM, step)
+    chosen = rng.choice(len(prompts), size=prompts_per_step, replace=prompts_per_step > len(prompts))
+    cond = bundle.encode([prompts[i].text for i in chosen]).repeat_interleave(group_size)
+    rows = processes.rows(len(cond))
+    if processes.count > 1:
+        cond = cond.index(rows)
+    bundle.transformer.eval()
+    x, trajectory = sample(
+        bundle, cond, steps=sampler.steps, shift=sampler.shift, cfg=sampler.cfg, noise_level=sampler.noise_level,
+        generator=step_generator(seed, NOISE_STREAM, step), return_trajectory=True,
+        log_prob_reduction=sampler.logprob_reduction, share=(processes.index, processes.count),
+        transformer=transformer, sde=sampler.sde, window=sampler.sde_window,
+    )
+    samples = [prompts[i] for i in chosen for _ in range(group_size)][rows]
+    tasks = np.repeat(np.asarray(prompt_tasks)[chosen], group_size)[rows]
+    return Rollout(samples, tasks, cond, trajectory, bundle.decode(x) if decode else None)
+
+
+def trained_steps(sampler_steps: int, fraction: float, rng: np.random.Generator, stochastic=None) -> list[int]:
+    """Which steps a rollout trains: the stochastic ones (default all) but the last one (to sigma 0), or a random
+    share of them (sorted). stochastic: (steps,) bool, Trajectory.stochastic (an SDE window, CPS's last step)."""
+    candidates = [t for t in range(sampler_steps - 1) if stochastic is None or bool(stochastic[t])]
+    if not candidates:
+        raise ValueError("the sampler has no stochastic step to train (sde_window, or noise_level 0)")
+    n = max(1, min(len(candidates), round(fraction * len(candidates))))
+    if n == len(candidates):
+        return candidates
+    return sorted(candidates[i] for i in rng.choice(len(candidates), size=n, replace=False).tolist())
+
+
+# ---------------------------------------------------------------- rewards of a rollout
+def score_matrix(images: np.ndarray, prompts: list, tasks: np.ndarray, rewards: list) -> np.ndarray:
+    """(N, K) scores: reward k scores the samples whose prompt comes from task k; NaN elsewhere."""
+    scores = np.full((len(prompts), len(rewards)), np.nan)
+    for k, reward in enumerate(rewards):
+        rows = np.flatnonzero(tasks == k)
+        if len(rows):
+            scores[rows, k] = reward(images[rows], [prompts[i] for i in rows])["score"]
+    return scores
+
+
+def group_advantages(
+    rewards, group_size: int, std: str = "group", clip: float = 5.0, eps: float = ADV_EPS
+) -> tuple[np.ndarray, np.ndarray]:
+    """rewards (N,) in consecutive groups of G -> (advantages (N,), kept (N,) bool).
+
+    A = (R - mean_group) / (std + eps), std over the group ("group") or over all N rewards ("global"), population
+    std as Flow-GRPO's PerPromptStatTracker; clipped to +-clip. Zero-variance groups: A = 0 and kept = False.
+    """
+    r = np.asarray(rewards, dtype=np.float64).reshape(-1, group_size)
+    group_std = r.std(axis=1, keepdims=True)
+    if std == "group":
+        denominator = group_std
+    elif std == "global":
+        denominator = r.std()
+    else:
+        raise ValueError(f"std must be 'group' or 'global', got {std!r}")
+    kept = np.broadcast_to(group_std > 0, r.shape)
+    advantages = np.clip((r - r.mean(axis=1, keepdims=True)) / (denominator + eps), -clip, clip)
+    return np.where(kept, advantages, 0.0).reshape(-1), kept.reshape(-1).copy()
+
+
+def mixed_advantages(
+    scores: np.ndarray, weights, group_size: int, mode: str = "joint", std: str = "group", clip: float = 5.0,
+    eps: float = ADV_EPS,
+) -> tuple[np.ndarray, np.ndarray]:
+    """scores (N, K), NaN where reward k does not score sample n; weights (K,) -> (advantages (N,), kept (N,)).
+
+    joint: A from R = sum_k w_k score_k. per_reward: A = sum_k w_k A_k, each A_k normalised over the samples
+    reward k scores (whole groups), then clipped. One reward (a teacher): both are group_advantages(score).
+    """
+    scores, weights = np.asarray(scores, dtype=np.float64), np.asarray(weights, dtype=np.float64)
+    if mode == "joint":
+        return group_advantages(np.nansum(scores * weights, axis=1), group_size, std, clip, eps)
+    if mode != "per_reward":
+        raise ValueError(f"mode must be 'joint' or 'per_reward', got {mode!r}")
+    advantages, kept = np.zeros(len(scores)), np.zeros(len(scores), dtype=bool)
+    for k, weight in enumerate(weights):
+        rows = ~np.isnan(scores[:, k])
+        if not rows.any() or weight == 0:
+            continue
+        if rows.sum() % group_size:
+            raise ValueError(f"reward {k} scores {rows.sum()} samples, not whole groups of {group_size}")
+        a_k, kept_k = group_advantages(scores[rows, k], group_size, std, np.inf, eps)
+        advantages[rows] += weight * a_k
+        kept[rows] |= kept_k
+    return np.clip(advantages, -clip, clip), kept
+
+
+class RewardRollouts:
+    """What a reward-trained policy (GRPO, NFT) does around its update: roll out, score, normalise, then
+    `update(rollout, advantages, kept, step) -> stats` (the subclass's) and the curve row. Needs bundle, settings
+    (sampler, prompts_per_step, group_size, adv_std, adv_clip), prompts, prompt_tasks, rewards, reward_names,
+    weights, advantage, seed, processes."""
+
+    curve_keys: tuple[str, ...] = ("loss", "grad_norm")
+    """The update's stats written to the curve (None, an empty cell, where a step trained nothing)."""
+
+    def rollout(self, step: int) -> Rollout:
+        s = self.settings
+        return draw_rollout(self.bundle, self.prompts, self.prompt_tasks, s.sampler, s.prompts_per_step,
+                            s.group_size, self.seed, step, self.processes, transformer=self.sampling_transformer())
+
+    def sampling_transformer(self):
+        """The transformer the rollouts sample (None: the bundle's own, the policy being trained)."""
+        return None
+
+    def score(self, rollout: Rollout) -> np.ndarray:
+        """(N, K) scores of the whole batch: each process scores its own rows, then they are gathered."""
+        return self.processes.gather(score_matrix(rollout.images, rollout.prompts, rollout.tasks, self.rewards))
+
+    def advantages(self, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        s = self.settings
+        return mixed_advantages(scores, self.weights, s.group_size, self.advantage, s.adv_std, s.adv_clip)
+
+    def reward_columns(self, scores: np.ndarray, kept: np.ndarray) -> dict:
+        """The curve's reward columns: the weighted total, each reward's mean over the samples it scored, and the
+        share of groups with any reward spread."""
+        row = {"reward": float(np.nansum(scores * self.weights, axis=1).mean())}
+        for k, name in enumerate(self.reward_names):
+            column = scores[:, k]
+            row[f"reward_{name}"] = float(np.nanmean(column)) if (~np.isnan(column)).any() else None
+        row["kept_groups"] = float(kept.reshape(-1, self.settings.group_size)[:, 0].mean())
+        return row
+
+    def summed_stats(self, stats: dict) -> dict:
+        """Each stat's mean over its entries, with every entry but grad_norm (already global) summed over processes:
+        each process's weighted sums add up to the batch's (the same keys on every process)."""
+        for key in sorted(stats):
+            if key != "grad_norm":
+                stats[key] = self.processes.sum(stats[key])
+        return {key: float(np.mean(values)) for key, values in stats.items()}
+
+    def step(self, step: int) -> dict:
+        t0 = time.perf_counter()
+        rollout = self.rollout(step)
+        t1 = time.perf_counter()
+        scores = self.score(rollout)
+        advantages, kept = self.advantages(scores)
+        t2 = time.perf_counter()
+        stats = self.update(rollout, advantages, kept, step)
+        t3 = time.perf_counter()
+        row = {"step": step} | self.reward_columns(scores, kept) | {key: stats.get(key) for key in self.curve_keys}
+        return row | {"rollout_s": round(t1 - t0, 4), "reward_s": round(t2 - t1, 4), "train_s": round(t3 - t2, 4)}
