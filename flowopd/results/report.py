@@ -3,10 +3,10 @@
 
 - `main_table.csv` / `.md` / `.tex`: one row per model label, per task the headline metric (mean over prompts and
   seeds) and `avg` = mean over tasks of headline / normaliser (the paper's Avg = mean(GenEval, OCR, DeQA/5,
-  PickScore/26)), each with its 95% bootstrap interval (`<column>_lo`, `<column>_hi`; `flowopd/bootstrap.py`);
+  PickScore/26)), each with its 95% bootstrap interval (`<column>_lo`, `<column>_hi`; `flowopd/results/bootstrap.py`);
 - `mar_table.md` (every metric of the quality benchmark), `exploit_table.md` (share of prompt-ignoring samples);
 - `plots/tasks.png`, `plots/curves_<phase>.png`, `grids/<model>_<task>.png`, and `README.md` indexing them all,
-  with the paper's claims decided from the intervals (`flowopd/claims.py`).
+  with the paper's claims decided from the intervals (`flowopd/results/claims.py`).
 The numbers come from `flowopd.results.tables` (the same frames a notebook gets) and are rendered by `flowopd.results.formats`.
 Polars, DuckDB and matplotlib are imported inside functions (fast `flowopd` start-up).
 """
@@ -36,7 +36,7 @@ WHERE r.run_id IN (SELECT run_id FROM wanted)
 ORDER BY r.phase, r.model, c.key, c.step
 """
 INTERVALS = ("[lo, hi]: the 95% bootstrap confidence interval of the mean (prompts resampled with all their seeds, "
-             "4000 resamples, fixed seed; `flowopd/bootstrap.py`)")
+             "4000 resamples, fixed seed; `flowopd/results/bootstrap.py`)")
 
 
 def safe_name(label: str) -> str:
@@ -115,7 +115,7 @@ def claims_markdown(claims: pl.DataFrame) -> str:
          "**fails**: hi < t, the whole interval on the other side; **unresolved**: the interval contains t, or a row "
          "the claim needs is missing (named) or has no per-sample scores. A claim of several comparisons holds when "
          "all hold, fails when any fails, and is unresolved otherwise (each interval is 95% on its own). Computed "
-         "by `flowopd/claims.py` (`flowopd report claims`)."), "",
+         "by `flowopd/results/claims.py` (`flowopd report claims`)."), "",
         *claim_lines(claims, DIGITS), ""])
 
 

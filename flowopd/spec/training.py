@@ -64,13 +64,13 @@ class GRPOSettings(Section):
 
 
 class GRPOMethod(GRPOSettings):
-    """Flow-GRPO (flowopd/grpo.py): the paper's teacher trainer."""
+    """Flow-GRPO (flowopd/methods/grpo.py): the paper's teacher trainer."""
 
     kind: Literal["grpo"]
 
 
 class NFTMethod(Section):
-    """DiffusionNFT (flowopd/nft.py): flow matching on the policy's own samples, good ones against bad ones."""
+    """DiffusionNFT (flowopd/methods/nft.py): flow matching on the policy's own samples, good ones against bad ones."""
 
     kind: Literal["nft"]
     group_size: Annotated[int, Field(strict=True, ge=2)] = 8
