@@ -57,8 +57,6 @@ def noise_scale(sigma: Tensor, sigma_next: Tensor, noise_level: float) -> Tensor
     return noise_level * torch.sqrt(sigma / (1 - torch.where(sigma == 1, sigma_next, sigma)))
 
 
-
-
 def sde_step_mean_std(
     x: Tensor, velocity: Tensor, sigma, sigma_next, noise_level: float, sde: str = "flow"
 ) -> tuple[Tensor, Tensor]:

@@ -27,7 +27,6 @@ One OPD step k:
 Samples routed to "base" are taught by the base model.
 """
 
-
 from __future__ import annotations
 
 import time

@@ -35,7 +35,6 @@ from flowopd.train.trainer import lora_settings, run_training
 from flowopd.world.prompt_sets import training_prompts
 
 
-# ---------------------------------------------------------------- the phase
 def run_opd(spec, init_dir: Path, base_dir: Path | None, teacher_dirs: dict, data_dir: Path, out: Path,
             curve_path: Path | None = None, progress: bool = True) -> None:
     """OPD from the cold-start artifact `init_dir` on all tasks' train prompts; writes `out` atomically (the EMA

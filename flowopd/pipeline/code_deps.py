@@ -49,7 +49,7 @@ def _sources(folder: Path) -> set[Path]:
 
 def _compact(root: Path, files: set[Path]) -> list[str]:
     """A package whose every module is a dependency is listed as its folder (DVC hashes it whole), the rest as files."""
-    whole = {folder for folder in {f.parent for f in files} | {p for f in files for p in f.parents}
+    whole = {folder for folder in {parent for f in files for parent in f.parents}
              if (folder / "__init__.py").is_file() and root in folder.parents and _sources(folder) <= files}
     top = {folder for folder in whole if not any(parent in whole for parent in folder.parents)}
     single = {f for f in files if not any(folder in f.parents for folder in top)}

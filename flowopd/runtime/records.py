@@ -20,11 +20,7 @@ from importlib import metadata
 from pathlib import Path
 
 PACKAGES = ("flowopd", "torch", "diffusers", "transformers", "peft", "accelerate", "numpy", "pillow", "tesserocr")
-
-
 RUN_RECORD = ".run.json"  # suffix of the run record beside an output folder
-
-
 STAGED_RUN_RECORD = ".run.json"  # its name inside the staging folder, moved out when the folder is committed
 
 
