@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from flowopd.evaluation.exploits import prompt_ignoring
 from flowopd.flow.sampler import sample
+from flowopd.models.bundle import micro_batched_decode
 from flowopd.rewards import task_reward
 from flowopd.runtime.artifacts import write_json
 from flowopd.runtime.processes import Processes
@@ -32,9 +33,11 @@ EVAL_BATCH = {"tiny": 64, "sd3": 8}  # prompts per sampling call (the noise depe
 
 
 @torch.no_grad()
-def generate(bundle, prompts, sampler, seed: int, batch_size: int = 64, progress=None, first: int = 0) -> np.ndarray:
+def generate(bundle, prompts, sampler, seed: int, batch_size: int = 64, progress=None, first: int = 0,
+             micro_batch: int | None = None, decode_batch: int | None = None) -> np.ndarray:
     """Images for `prompts` with the spec's sampler; the batch starting at prompt i of the benchmark draws its
-    noise from seed and i (`first`: the index of prompts[0] in the benchmark's list)."""
+    noise from seed and i (`first`: the index of prompts[0] in the benchmark's list). micro_batch / decode_batch:
+    prompts per transformer forward / images per VAE decode within a batch (None: the whole batch)."""
     chunks = []
     for start in range(0, len(prompts), batch_size):
         texts = [p.text for p in prompts[start : start + batch_size]]
@@ -47,8 +50,9 @@ def generate(bundle, prompts, sampler, seed: int, batch_size: int = 64, progress
             cfg=sampler.cfg,
             noise_level=sampler.noise_level,
             generator=generator,
+            micro_batch=micro_batch,
         )
-        chunks.append(bundle.decode(x))
+        chunks.append(micro_batched_decode(bundle, x, decode_batch))
         if progress is not None:
             progress.update(len(texts))
     return np.concatenate(chunks)
@@ -90,7 +94,8 @@ def evaluate(bundle, spec, prompts_folder: Path, out: Path | None, progress: boo
             mine = []  # (first prompt index, {metric: scores}, images) of this process's batches
             for start in range(size * processes.index, len(prompts), size * processes.count):
                 batch = prompts[start : start + size]
-                images = generate(bundle, batch, evaluation.sampler, seed, size, first=start)
+                images = generate(bundle, batch, evaluation.sampler, seed, size, first=start,
+                                  micro_batch=evaluation.micro_batch, decode_batch=evaluation.decode_batch)
                 scores = {metric: np.asarray(values, dtype=np.float64)
                           for metric, values in reward(images, batch).items()}
                 mine.append((start, scores, images))

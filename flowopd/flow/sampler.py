@@ -14,7 +14,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from flowopd.flow.sde import sde_step, sde_step_mean_std, sigma_schedule
-from flowopd.models.bundle import Bundle, Condition
+from flowopd.models.bundle import Bundle, Condition, micro_batched_velocity
 
 
 @dataclass
@@ -55,6 +55,7 @@ def sample(
     share: tuple[int, int] = (0, 1),
     sde: str = "flow",
     window: tuple[int, int] | None = None,
+    micro_batch: int | None = None,
 ):
     """Draw one sample per condition row. -> x (B, C, H, W) fp32, or (x, Trajectory) with return_trajectory.
 
@@ -66,6 +67,9 @@ def sample(
     window (start, end): only steps start <= t < end are stochastic (Flow-GRPO-Fast's SDE window), the others
     Euler; None: every step when noise_level > 0. A step whose std is 0 (CPS's last one) is deterministic too.
     Trajectory.stochastic marks the steps with a density; the others carry log-prob 0 and their Euler result.
+    micro_batch: rows per transformer forward (x2 with CFG; None: all B); the noise is still drawn for the whole
+    batch, so only float summation order depends on it, and a trainer recomputing the velocities in the same
+    micro-batches (flowopd.models.bundle.micro_batches) gets the rollout's log-probs exactly.
     """
     device = cond.prompt_embeds.device
     gen_device = generator.device if generator is not None else device
@@ -82,7 +86,7 @@ def sample(
     latents, log_probs, means = [x], [], []
     for t in tqdm(range(steps), disable=not progress, desc="sampling", leave=False):
         sigma, sigma_next = sigmas[t].item(), sigmas[t + 1].item()
-        velocity = bundle.velocity(x, sigma, cond, cfg=cfg, transformer=transformer)
+        velocity = micro_batched_velocity(bundle, x, sigma, cond, cfg, transformer, micro_batch)
         if not stochastic[t]:
             x, _ = sde_step_mean_std(x, velocity, sigma, sigma_next, 0.0)  # Euler: x + (s' - s) v
             if noise_level > 0:  # keep the trajectory's per-step arrays aligned with the steps

@@ -26,7 +26,8 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from flowopd.flow.sde import step_kl
+from flowopd.flow.sde import step_divergence
+from flowopd.models.bundle import micro_batches
 from flowopd.runtime.processes import Processes
 from flowopd.train.losses import ppo_clip_loss
 from flowopd.train.policy import FrozenReference, step_log_prob
@@ -90,6 +91,8 @@ class GRPOTrainer(RewardRollouts, Trainer):
                               traj.stochastic)
         common = {"cfg": cfg, "noise_level": sampler.noise_level, "reduction": sampler.logprob_reduction,
                   "sde": sampler.sde}
+        # the rollout's split (draw_rollout), so the recomputed log-probs are the rollout's: ratio 1 at first
+        micro = micro_batches(latents.shape[1], s.micro_batch)
         reference_means = {}  # the reference is frozen: its step means are computed once per rollout
         self.bundle.transformer.train()
         for _ in range(s.inner_epochs):
@@ -97,18 +100,30 @@ class GRPOTrainer(RewardRollouts, Trainer):
             for t in steps:
                 x, x_next = latents[t], latents[t + 1]
                 sigma, sigma_next = traj.sigmas[t].item(), traj.sigmas[t + 1].item()
-                log_prob, mean, std = step_log_prob(self.bundle, x, x_next, sigma, sigma_next, cond, **common)
-                policy, ratio = ppo_clip_loss(log_prob, old_log_probs[t], adv, s.clip_eps)
-                per_sample = policy
-                if self.reference is not None:
-                    if t not in reference_means:
-                        reference_means[t] = step_log_prob(self.bundle, x, x_next, sigma, sigma_next, cond,
-                                                           velocity_fn=self.reference.velocity, **common)[1]
-                    kl = step_kl(mean, reference_means[t], std, sampler.logprob_reduction)
-                    per_sample = per_sample + s.beta * kl
-                    stats["kl"].append((kl.detach() * weight).sum().item())
+                if self.reference is not None and t not in reference_means:
+                    reference_means[t] = torch.cat([
+                        step_log_prob(self.bundle, x[rows], x_next[rows], sigma, sigma_next, cond.index(rows),
+                                      velocity_fn=self.reference.velocity, **common)[1] for rows in micro])
+                terms = defaultdict(list)  # this step's per-sample terms over the micro-batches, detached
+                for rows in micro:  # one forward and backward each: the gradients accumulate
+                    log_prob, mean, std = step_log_prob(self.bundle, x[rows], x_next[rows], sigma, sigma_next,
+                                                        cond.index(rows), **common)
+                    policy, ratio = ppo_clip_loss(log_prob, old_log_probs[t][rows], adv[rows], s.clip_eps)
+                    per_sample = policy
+                    if self.reference is not None:
+                        kl = step_divergence(mean, reference_means[t][rows], std, sigma, sigma_next,
+                                             sampler.logprob_reduction, sampler.kl_form, sampler.sde)
+                        per_sample = per_sample + s.beta * kl
+                        terms["kl"].append(kl.detach())
+                    ((per_sample * weight[rows]).sum() / len(steps)).backward()
+                    for name, value in (("log_prob", log_prob), ("policy", policy), ("ratio", ratio),
+                                        ("per_sample", per_sample)):
+                        terms[name].append(value.detach())
+                log_prob, policy, ratio, per_sample = (torch.cat(terms[name]) for name in
+                                                       ("log_prob", "policy", "ratio", "per_sample"))
+                if terms["kl"]:
+                    stats["kl"].append((torch.cat(terms["kl"]) * weight).sum().item())
                 loss = (per_sample * weight).sum() / len(steps)
-                loss.backward()
                 stats["policy_loss"].append((policy.detach() * weight).sum().item())
                 stats["loss"].append(loss.item() * len(steps))
                 stats["clip_frac"].append(((ratio.detach() - 1).abs() > s.clip_eps).float().mul(weight).sum().item())

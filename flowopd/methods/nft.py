@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from flowopd.flow.sde import sigma_schedule
+from flowopd.models.bundle import micro_batches
 from flowopd.runtime.processes import Processes
 from flowopd.train.policy import FrozenReference
 from flowopd.train.rollouts import RewardRollouts, group_advantages
@@ -126,23 +127,35 @@ class NFTTrainer(RewardRollouts, Trainer):
                 noise = torch.randn((whole, *x0.shape[1:]), generator=generator)[rows].to(device)
                 t = t.view(-1, *[1] * (x0.ndim - 1))
                 x_t = (1 - t) * x0 + t * noise
-                with torch.no_grad():
-                    v_old = guided_velocity(self.bundle, x_t, t.flatten(), rollout.cond, cfg, self.old.transformer)
-                v = guided_velocity(self.bundle, x_t, t.flatten(), rollout.cond, cfg, None)
-                per_sample = nft_loss(x_t, t, x0, v, v_old, r, s.beta)
-                stats["policy_loss"].append((per_sample.detach() * weight).sum().item())
-                if self.reference is not None:
-                    v_ref = self.reference.velocity(x_t, t.flatten(), rollout.cond, cfg)
-                    kl = (v - v_ref).pow(2).flatten(1).mean(1)
-                    per_sample = per_sample + s.kl_beta * kl
-                    stats["kl"].append((kl.detach() * weight).sum().item())
-                loss = (per_sample * weight).sum() / s.train_times
-                loss.backward()
+                terms = defaultdict(list)  # per-sample terms over the micro-batches, detached
+                for part in micro_batches(len(x0), s.micro_batch):  # one forward and backward each
+                    fit, kl = self.micro_loss(x_t[part], t[part], x0[part], r[part], rollout.cond.index(part), cfg)
+                    per_sample = fit if kl is None else fit + s.kl_beta * kl
+                    ((per_sample * weight[part]).sum() / s.train_times).backward()
+                    terms["fit"].append(fit.detach())
+                    terms["per_sample"].append(per_sample.detach())
+                    if kl is not None:
+                        terms["kl"].append(kl.detach())
+                stats["policy_loss"].append((torch.cat(terms["fit"]) * weight).sum().item())
+                if terms["kl"]:
+                    stats["kl"].append((torch.cat(terms["kl"]) * weight).sum().item())
+                loss = (torch.cat(terms["per_sample"]) * weight).sum() / s.train_times
                 stats["loss"].append(loss.item() * s.train_times)
             stats["grad_norm"].append(self.optimizer_step())
         self.bundle.transformer.eval()
         self.old.update(self.named_params)
         return self.summed_stats(stats)
+
+    def micro_loss(self, x_t, t, x0, r, cond, cfg: float) -> tuple[Tensor, Tensor | None]:
+        """(NFT loss, velocity KL to the reference or None) per sample of one micro-batch, with grad."""
+        with torch.no_grad():
+            v_old = guided_velocity(self.bundle, x_t, t.flatten(), cond, cfg, self.old.transformer)
+        v = guided_velocity(self.bundle, x_t, t.flatten(), cond, cfg, None)
+        fit = nft_loss(x_t, t, x0, v, v_old, r, self.settings.beta)
+        if self.reference is None:
+            return fit, None
+        v_ref = self.reference.velocity(x_t, t.flatten(), cond, cfg)
+        return fit, (v - v_ref).pow(2).flatten(1).mean(1)
 
     def state_dict(self) -> dict:
         return super().state_dict() | {"old": self.old.state_dict()}

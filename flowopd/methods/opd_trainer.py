@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flowopd.flow.sde import gaussian_log_prob, reduce_elements, sde_step_mean_std, step_kl
+from flowopd.flow.sde import divergence_scale, gaussian_log_prob, reduce_elements, sde_step_mean_std, step_kl
 from flowopd.methods.opd_objectives import (
     diffusion_opd_variance,
     nats_per_unit,
@@ -47,6 +47,7 @@ from flowopd.methods.opd_objectives import (
     velocity_gap,
     velocity_mse,
 )
+from flowopd.models.bundle import micro_batches
 from flowopd.runtime.processes import Processes
 from flowopd.spec.choices import PPO_ESTIMATORS
 from flowopd.train.policy import step_log_prob
@@ -100,17 +101,20 @@ class OPDTrainer(Trainer):
     def rollout(self, step: int):
         s = self.settings
         return draw_rollout(self.bundle, self.prompts, self.prompt_tasks, s.sampler, s.prompts_per_step,
-                            s.group_size, self.seed, step, self.processes, decode=False)
+                            s.group_size, self.seed, step, self.processes, decode=False, micro_batch=s.micro_batch)
 
     # -- 2. frozen targets ------------------------------------------------------------------------------------
     @torch.no_grad()
     def target_velocities(self, x: Tensor, sigma, cond, tasks: np.ndarray, cfg: float):
         """(v_T, v_A or None) at x (sigma: a float or one per row): one forward per teacher over its rows, then
-        the anchor's over the rows another teacher teaches (the anchor teacher's own rows reuse its forward)."""
+        the anchor's over the rows another teacher teaches (the anchor teacher's own rows reuse its forward); each
+        in micro-batches of at most `micro_batch` of those rows."""
         device = x.device
 
         def velocities(velocity, rows):
-            return velocity(x[rows], sigma if isinstance(sigma, float) else sigma[rows], cond.index(rows), cfg)
+            parts = [rows[part] for part in micro_batches(len(rows), self.settings.micro_batch)]
+            return torch.cat([velocity(x[part], sigma if isinstance(sigma, float) else sigma[part], cond.index(part),
+                                       cfg) for part in parts])
 
         v_teacher = torch.empty(x.shape, dtype=torch.float32, device=device)
         for k, name in enumerate(self.teacher_names):
@@ -159,6 +163,34 @@ class OPDTrainer(Trainer):
         velocity = self.bundle.velocity(x, sigma, cond, cfg=common["cfg"])
         return None, *sde_step_mean_std(x, velocity, sigma, sigma_next, 0.0)
 
+    def mar_scale(self, sigma: float, sigma_next: float) -> float:
+        """MAR's KL in the sampler's kl_form: 1 (the step KL) or Flow-GRPO's s - s' (the reference code's MAR is
+        beta times Flow-GRPO's D); the logged mar_kl stays the step KL."""
+        sampler = self.settings.sampler
+        return float(divergence_scale(sigma, sigma_next, sampler.kl_form, sampler.sde))
+
+    def micro_step_loss(self, rollout, t: int, rows: slice, target: tuple, advantages: Tensor | None,
+                        common: dict) -> tuple[Tensor, dict]:
+        """One micro-batch (`rows`) of trained step t: the student's step with grad and the estimator's loss.
+        -> (per-sample loss, terms: the estimator's policy / ratio / mar_kl and the student's log_prob, mean, std)."""
+        s, traj = self.settings, rollout.trajectory
+        x, x_next = traj.latents[t][rows], traj.latents[t + 1][rows]
+        sigma, sigma_next = traj.sigmas[t].item(), traj.sigmas[t + 1].item()
+        mean_teacher, mean_anchor, _ = target
+        log_prob, mean, std = self.student_step(x, x_next, sigma, sigma_next, rollout.cond.index(rows), common)
+        policy_log_prob, old_log_prob = log_prob, None if traj.log_probs is None else traj.log_probs[t][rows]
+        if s.credit == "element" and s.estimator in PPO_ESTIMATORS:  # each element's own ratio, against the
+            policy_log_prob = gaussian_log_prob(x_next, mean, std, "none")  # rollout's step mean
+            old_log_prob = gaussian_log_prob(x_next, traj.means[t][rows], std, "none")
+        variance = diffusion_opd_variance(sigma, sigma_next, common["noise_level"]) \
+            if s.estimator == "diffusion_opd" else None
+        per_sample, terms = step_loss(
+            s.estimator, policy_log_prob, old_log_prob, mean, mean_teacher[rows], std,
+            None if advantages is None else advantages[rows], s.clip_eps, common["reduction"],
+            None if mean_anchor is None else mean_anchor[rows], self.mar_weight * self.mar_scale(sigma, sigma_next),
+            variance)
+        return per_sample, terms | {"log_prob": log_prob, "mean": mean, "std": std}
+
     # -- 4. update --------------------------------------------------------------------------------------------
     def update(self, rollout, step: int) -> dict:
         """The dense estimators: every trained step of every rollout."""
@@ -180,38 +212,36 @@ class OPDTrainer(Trainer):
             if processes.count > 1:
                 advantages = advantages[:, processes.rows(advantages.shape[1])]
         t1 = time.perf_counter()
+        micro = micro_batches(traj.latents.shape[1], s.micro_batch)  # the rollout's split: ratio 1 at first
         stats, by_teacher = defaultdict(list), defaultdict(list)
         self.bundle.transformer.train()
         for epoch in range(s.inner_epochs):
             self.optimizer.zero_grad(set_to_none=True)
             for i, t in enumerate(steps):
-                x, x_next = traj.latents[t], traj.latents[t + 1]
                 sigma, sigma_next = traj.sigmas[t].item(), traj.sigmas[t + 1].item()
-                mean_teacher, mean_anchor, _ = targets[t]
-                log_prob, mean, std = self.student_step(x, x_next, sigma, sigma_next, rollout.cond, common)
-                policy_log_prob, old_log_prob = log_prob, None if traj.log_probs is None else traj.log_probs[t]
-                if element:  # each element's own ratio, against the rollout's step mean
-                    policy_log_prob = gaussian_log_prob(x_next, mean, std, "none")
-                    old_log_prob = gaussian_log_prob(x_next, traj.means[t], std, "none")
-                variance = diffusion_opd_variance(sigma, sigma_next, noise_level) if s.estimator == "diffusion_opd" \
-                    else None
-                per_sample, terms = step_loss(
-                    s.estimator, policy_log_prob, old_log_prob, mean, mean_teacher, std,
-                    None if advantages is None else advantages[i], s.clip_eps, reduction, mean_anchor,
-                    self.mar_weight, variance)
-                loss = per_sample.mean() / (len(steps) * processes.count)  # summed over processes
-                loss.backward()
+                parts = defaultdict(list)  # this step's per-sample terms over the micro-batches, detached
+                for rows in micro:  # one forward and backward each: the gradients accumulate
+                    per_sample, terms = self.micro_step_loss(rollout, t, rows, targets[t],
+                                                             None if advantages is None else advantages[i], common)
+                    share = (rows.stop - rows.start) / traj.latents.shape[1]  # of this process's mean
+                    (per_sample.mean() * share / (len(steps) * processes.count)).backward()  # summed over processes
+                    for name, value in (("per_sample", per_sample), *terms.items()):
+                        if value is not None:
+                            parts[name].append(value.detach())
+                whole = {name: torch.cat(values) for name, values in parts.items()}
+                loss = whole["per_sample"].mean() / (len(steps) * processes.count)
                 stats["loss"].append(loss.item() * len(steps) * processes.count)  # this process's mean
-                stats["policy_loss"].append(terms["policy"].detach().mean().item())
-                if log_prob is not None:
-                    stats["approx_kl"].append((0.5 * (log_prob.detach() - traj.log_probs[t]) ** 2).mean().item())
-                if terms["ratio"] is not None:
-                    stats["clip_frac"].append(((terms["ratio"].detach() - 1).abs() > s.clip_eps).float().mean().item())
-                if terms["mar_kl"] is not None:
-                    stats["mar_kl"].append(terms["mar_kl"].detach().mean().item())
+                stats["policy_loss"].append(whole["policy"].mean().item())
+                if "log_prob" in whole:
+                    stats["approx_kl"].append((0.5 * (whole["log_prob"] - traj.log_probs[t]) ** 2).mean().item())
+                if "ratio" in whole:
+                    stats["clip_frac"].append(((whole["ratio"] - 1).abs() > s.clip_eps).float().mean().item())
+                if "mar_kl" in whole:
+                    stats["mar_kl"].append(whole["mar_kl"].mean().item())
                 if epoch == 0:  # the distance to the routed teacher under the rollout policy
-                    gap = velocity_gap(mean.detach(), mean_teacher, sigma, sigma_next, noise_level)
-                    kl = step_kl(mean.detach(), mean_teacher, std, reduction) if noise_level > 0 else None
+                    mean, mean_teacher = whole["mean"], targets[t][0]
+                    gap = velocity_gap(mean, mean_teacher, sigma, sigma_next, noise_level)
+                    kl = step_kl(mean, mean_teacher, whole["std"], reduction) if noise_level > 0 else None
                     self._log_distance(stats, by_teacher, rollout.tasks, kl, reduce_elements(gap**2, "mean"))
             stats["grad_norm"].append(self.optimizer_step())
         self.bundle.transformer.eval()
@@ -239,17 +269,26 @@ class OPDTrainer(Trainer):
         t1 = time.perf_counter()
         stats, by_teacher = defaultdict(list), defaultdict(list)
         self.bundle.transformer.train()
+        micro = micro_batches(len(x), s.micro_batch)
         for epoch in range(s.inner_epochs):
             self.optimizer.zero_grad(set_to_none=True)
-            velocity = self.bundle.velocity(x, sigma, rollout.cond, cfg=cfg)
-            policy = velocity_mse(velocity, v_teacher, reduction)
-            per_sample = policy
-            if v_anchor is not None:
-                mar = velocity_mse(velocity, v_anchor, reduction)
-                per_sample = per_sample + self.mar_weight * mar
-                stats["mar_kl"].append(mar.detach().mean().item())
-            loss = per_sample.mean() / processes.count  # summed over processes
-            loss.backward()
+            parts = defaultdict(list)  # per-sample terms over the micro-batches, detached
+            for rows in micro:  # one forward and backward each: the gradients accumulate
+                velocity = self.bundle.velocity(x[rows], sigma[rows], rollout.cond.index(rows), cfg=cfg)
+                policy = velocity_mse(velocity, v_teacher[rows], reduction)
+                per_sample = policy
+                if v_anchor is not None:
+                    mar = velocity_mse(velocity, v_anchor[rows], reduction)
+                    per_sample = per_sample + self.mar_weight * mar
+                    parts["mar"].append(mar.detach())
+                share = (rows.stop - rows.start) / len(x)  # of this process's mean
+                (per_sample.mean() * share / processes.count).backward()  # summed over processes
+                for name, value in (("velocity", velocity), ("policy", policy), ("per_sample", per_sample)):
+                    parts[name].append(value.detach())
+            velocity, policy, per_sample = (torch.cat(parts[name]) for name in ("velocity", "policy", "per_sample"))
+            if parts["mar"]:
+                stats["mar_kl"].append(torch.cat(parts["mar"]).mean().item())
+            loss = per_sample.mean() / processes.count
             stats["loss"].append(loss.item() * processes.count)
             stats["policy_loss"].append(policy.detach().mean().item())
             if epoch == 0:

@@ -20,10 +20,16 @@ from tqdm import tqdm
 
 from flowopd.flow.sampler import sample
 from flowopd.methods.router import Router, format_summary
-from flowopd.models.bundle import Condition
+from flowopd.models.bundle import (
+    Condition,
+    micro_batched_decode,
+    micro_batched_encode,
+    micro_batched_scores,
+    micro_batches,
+)
 from flowopd.runtime.processes import Processes
-from flowopd.train.losses import flow_matching_loss
-from flowopd.train.policy import make_optimizer, prepare_policy
+from flowopd.train.losses import flow_matching_draws, flow_matching_loss
+from flowopd.train.policy import enable_gradient_checkpointing, make_optimizer, prepare_policy
 from flowopd.train.streams import SFT_SAMPLE_STREAM, SFT_TRAIN_STREAM, step_generator
 
 SAMPLE_BATCH = 64  # rows per sampling call (fixed: the noise drawn depends on it)
@@ -31,11 +37,12 @@ SAMPLE_BATCH = 64  # rows per sampling call (fixed: the noise drawn depends on i
 
 @torch.no_grad()
 def teacher_samples(teachers: dict, prompts: list, routes: list[str], sampler, samples_per_prompt: int, seed: int,
-                    progress: bool = True, processes: Processes | None = None) -> Tensor:
+                    progress: bool = True, processes: Processes | None = None, micro_batch: int | None = None) -> Tensor:
     """x0 (N * G, ...): G = samples_per_prompt samples of prompt i in rows i G ... i G + G - 1, each drawn by the
     teacher prompt i is routed to (teachers: name -> bundle). Each teacher draws from its own stream, keyed by its
     name, so its samples do not depend on the other teachers. Several processes split each chunk of rows evenly
-    (a chunk that does not split is sampled whole by each) and gather them: every process returns all of x0."""
+    (a chunk that does not split is sampled whole by each) and gather them: every process returns all of x0.
+    micro_batch: rows per transformer forward and prompts per text-encoder call (None: a chunk's share)."""
     processes = processes or Processes()
     missing = sorted(set(routes) - set(teachers))
     if missing:
@@ -56,10 +63,10 @@ def teacher_samples(teachers: dict, prompts: list, routes: list[str], sampler, s
             chunk = rows[start : start + SAMPLE_BATCH]
             share = (processes.index, processes.count) if len(chunk) % processes.count == 0 else (0, 1)
             part = chunk[processes.rows(len(chunk))] if share[1] > 1 else chunk
-            cond = bundle.encode([prompts[r // group].text for r in part])
+            cond = micro_batched_encode(bundle, [prompts[r // group].text for r in part], micro_batch)
             x = sample(bundle, cond, steps=sampler.steps, shift=sampler.shift, cfg=sampler.cfg,
                        noise_level=sampler.noise_level, generator=generator,
-                       log_prob_reduction=sampler.logprob_reduction, share=share)
+                       log_prob_reduction=sampler.logprob_reduction, share=share, micro_batch=micro_batch)
             if share[1] > 1:
                 x = torch.cat(processes.gather_objects(x.cpu())).to(x.device)
             if out is None:
@@ -76,25 +83,39 @@ def best_of_groups(scores, group: int) -> np.ndarray:
     return np.arange(len(scores)) * group + scores.argmax(axis=1)
 
 
+def fitting_parts(batch_size: int, processes: Processes, micro_batch: int | None) -> list[slice | None]:
+    """This process's rows of an SFT batch in micro-batches of at most `micro_batch`; [None]: the whole batch in
+    one forward (one process, no micro-batches)."""
+    share = processes.rows(batch_size) if processes.count > 1 else slice(0, batch_size)
+    parts = micro_batches(share.stop - share.start, micro_batch)
+    if processes.count == 1 and len(parts) == 1:
+        return [None]
+    return [slice(share.start + part.start, share.start + part.stop) for part in parts]
+
+
 def sft(bundle, x0: Tensor, texts: list[str], settings, seed: int, cfg_dropout: float = 0.0,
         time_sampling: str = "logit_normal", progress: bool = True, processes: Processes | None = None) -> list[dict]:
     """Fine-tune the bundle's transformer (or a LoRA adapter, settings.lora) on (x0, text) pairs with the
     flow-matching loss for settings.steps batches of settings.batch_size; a share `cfg_dropout` of each batch sees
     the empty prompt (keeps classifier-free guidance working). The text encoder stays frozen. Returns the curve.
-    Several processes: each takes its rows of every batch (batch_size a multiple of the count), gradients summed."""
+    Several processes: each takes its rows of every batch (batch_size a multiple of the count), gradients summed;
+    settings.micro_batch splits a process's rows further (the draws stay the whole batch's, gradients accumulate).
+    """
     processes = processes or Processes()
     torch.manual_seed(seed)  # LoRA's gaussian A
     params = list(prepare_policy(bundle, settings.lora).values())
+    if settings.gradient_checkpointing:
+        enable_gradient_checkpointing(bundle.transformer)
     optimizer = make_optimizer(params, settings.lr)
     generator = step_generator(seed, SFT_TRAIN_STREAM, 0)
-    cond_all, null = bundle.encode(texts), bundle.encode([""])
+    cond_all, null = micro_batched_encode(bundle, texts, settings.micro_batch), bundle.encode([""])
     curve, start = [], time.perf_counter()
     bundle.transformer.train()
     bar = tqdm(range(settings.steps), desc="sft", disable=not progress or not processes.is_main, dynamic_ncols=True)
     if settings.batch_size % processes.count:
         raise SystemExit(f"cold_start.batch_size {settings.batch_size} does not split over {processes.count} "
                          "processes: make it a multiple of the process count")
-    rows = processes.rows(settings.batch_size) if processes.count > 1 else None
+    parts = fitting_parts(settings.batch_size, processes, settings.micro_batch)
     for step in bar:
         idx = torch.randint(len(texts), (settings.batch_size,), generator=generator)
         drop = (torch.rand(settings.batch_size, generator=generator) < cfg_dropout).to(x0.device)
@@ -103,13 +124,18 @@ def sft(bundle, x0: Tensor, texts: list[str], settings, seed: int, cfg_dropout: 
             torch.where(drop[:, None, None], null.prompt_embeds, picked.prompt_embeds),
             torch.where(drop[:, None], null.pooled, picked.pooled),
         )
-        loss = flow_matching_loss(bundle, x0[idx.to(x0.device)], cond, generator, time_sampling, rows)
+        batch = x0[idx.to(x0.device)]
+        noise, sigma = flow_matching_draws(batch, generator, time_sampling)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        total = 0.0
+        for rows in parts:  # one forward and backward each: the gradients accumulate
+            loss = flow_matching_loss(bundle, batch, cond, noise, sigma, rows)
+            loss.backward()
+            total += loss.item()
         processes.sum_gradients(params)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        value = processes.sum([loss.item()])[0]  # the whole batch's loss
+        value = processes.sum([total])[0]  # the whole batch's loss
         curve.append({"step": step, "loss": value, "seconds": round(time.perf_counter() - start, 3)})
         bar.set_postfix(loss=f"{value:.4f}")
     bundle.transformer.eval()
@@ -134,18 +160,20 @@ def sft_cold_start(spec, base, teachers: dict, prompts: list, tasks: list[str], 
     if processes.is_main:
         print(format_summary(counts))
     group = settings.samples_per_prompt
-    x0 = teacher_samples(teachers, prompts, routes, settings.sampler, group, spec.seed, progress, processes)
+    x0 = teacher_samples(teachers, prompts, routes, settings.sampler, group, spec.seed, progress, processes,
+                         settings.micro_batch)
     rows = np.arange(len(x0))
     if settings.best_of_group and group > 1:
         share = processes.split(len(x0))  # each process scores its rows; the scores are gathered
         scores = np.empty(share.stop - share.start)
-        images = base.decode(x0[share])
+        images = micro_batched_decode(base, x0[share], settings.decode_batch)
         for task in dict.fromkeys(tasks):
             mine = np.array([r for r in rows[share] if tasks[r // group] == task], dtype=int)
             if len(mine):
                 reward = task_reward(spec.tasks[task], world_config(spec))
                 local = mine - share.start
-                scores[local] = reward(images[local], [prompts[r // group] for r in mine])["score"]
+                scores[local] = micro_batched_scores(reward, images[local], [prompts[r // group] for r in mine],
+                                                 settings.reward_batch)["score"]
         rows = best_of_groups(np.concatenate(processes.gather_objects(scores)), group)
     texts = [prompts[r // group].text for r in rows]
     tiny = spec.model.kind == "tiny"

@@ -54,8 +54,10 @@ class Bundle(Protocol):
     def decode(self, x: Tensor) -> np.ndarray: ...
 
 
-def transformer_velocity(transformer, x: Tensor, sigma, cond: Condition, null: Condition | None, cfg: float):
-    """v = v_u + cfg (v_c - v_u) in one batched forward of 2B (Ho & Salimans' CFG); plain v when cfg == 1."""
+def transformer_velocity(transformer, x: Tensor, sigma, cond: Condition, null: Condition | None, cfg: float,
+                         detach_uncond: bool = False):
+    """v = v_u + cfg (v_c - v_u) in one batched forward of 2B (Ho & Salimans' CFG); plain v when cfg == 1.
+    detach_uncond: no gradient through v_u (Flow-GRPO's SD3 training); the values are the same."""
     batch = x.shape[0]
     sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(batch)  # fp32: bf16 rounds t
     if cfg == 1.0 or null is None:
@@ -75,4 +77,53 @@ def transformer_velocity(transformer, x: Tensor, sigma, cond: Condition, null: C
         return_dict=False,
     )[0]
     v_uncond, v_cond = out.chunk(2)
+    if detach_uncond:
+        v_uncond = v_uncond.detach()
     return v_uncond + cfg * (v_cond - v_uncond)
+
+
+# ---------------------------------------------------------------- micro-batches
+def micro_batches(n: int, size: int | None) -> list[slice]:
+    """Consecutive slices of at most `size` rows covering n rows; size None (or >= n): one slice, the whole batch.
+    Everything that splits a batch uses this one rule, so a rollout and its recompute split alike."""
+    if size is None or size >= n:
+        return [slice(0, n)]
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def micro_batched_velocity(bundle, x: Tensor, sigma, cond: Condition, cfg: float = 1.0, transformer=None,
+                           size: int | None = None) -> Tensor:
+    """bundle.velocity over micro-batches of at most `size` rows (x2 with CFG), concatenated; sigma: a float or
+    one per row. One micro-batch is the plain call."""
+    parts = micro_batches(len(x), size)
+    if len(parts) == 1:
+        return bundle.velocity(x, sigma, cond, cfg=cfg, transformer=transformer)
+    per_row = isinstance(sigma, Tensor) and sigma.ndim > 0
+    return torch.cat([bundle.velocity(x[rows], sigma[rows] if per_row else sigma, cond.index(rows), cfg=cfg,
+                                      transformer=transformer) for rows in parts])
+
+
+def micro_batched_encode(bundle, texts: list[str], size: int | None = None) -> Condition:
+    """bundle.encode over batches of at most `size` prompts (T5-XXL's activations grow with the batch)."""
+    parts = micro_batches(len(texts), size)
+    if len(parts) == 1:
+        return bundle.encode(texts)
+    return Condition.cat([bundle.encode(texts[rows]) for rows in parts])
+
+
+def micro_batched_decode(bundle, x: Tensor, size: int | None = None) -> np.ndarray:
+    """bundle.decode over micro-batches of at most `size` images (the VAE's activations are large at 512 px)."""
+    parts = micro_batches(len(x), size)
+    if len(parts) == 1:
+        return bundle.decode(x)
+    return np.concatenate([bundle.decode(x[rows]) for rows in parts])
+
+
+def micro_batched_scores(reward, images: np.ndarray, prompts: list, size: int | None = None) -> dict[str, np.ndarray]:
+    """reward(images, prompts) (flowopd.rewards) over batches of at most `size` images (a scorer's memory, a
+    server's request size), each metric concatenated; size None: one call."""
+    parts = micro_batches(len(images), size)
+    if len(parts) == 1:
+        return reward(images, prompts)
+    scored = [reward(images[rows], prompts[rows]) for rows in parts]
+    return {metric: np.concatenate([np.asarray(part[metric]) for part in scored]) for metric in scored[0]}

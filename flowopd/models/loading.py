@@ -2,7 +2,8 @@
 
 A model artifact folder holds a tiny model's whole weights (`model.safetensors` + `model_config.json`, written by
 TinyBundle.save) or an sd3 LoRA adapter (`adapter.safetensors` + `adapter.json`) on the spec's pretrained base; an
-sd3 folder without an adapter (a `none` cold start) stands for the bare base.
+sd3 folder without an adapter (a `none` cold start) stands for the bare base. Every artifact folder is checked
+against the sha256 its producer recorded (flowopd.runtime.artifacts.verify_artifact) before it is read.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from flowopd.runtime.artifacts import sha256_file
+from flowopd.runtime.artifacts import verify_artifact
 
 WEIGHT_FILES = ("model.safetensors", "adapter.safetensors")  # tiny, sd3
 
@@ -24,12 +25,16 @@ def load_bundle(spec, base_dir: Path | None, device: torch.device | None = None)
 
         if base_dir is None:
             raise SystemExit("a tiny spec starts from the base artifact: pass --base")
+        verify_artifact(base_dir)
         return TinyBundle.load(base_dir)
     from flowopd.models.sd3 import SD3Bundle
 
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[spec.model.dtype]
-    bundle = SD3Bundle.from_pretrained(spec.model.pretrained, revision=spec.model.revision, dtype=dtype,
-                                       resolution=spec.model.resolution)
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    bundle = SD3Bundle.from_pretrained(spec.model.pretrained, revision=spec.model.revision,
+                                       dtype=dtypes[spec.model.dtype], resolution=spec.model.resolution,
+                                       max_sequence_length=spec.model.max_sequence_length)
+    if spec.model.vae_dtype is not None:
+        bundle.vae.to(dtypes[spec.model.vae_dtype])
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return bundle.to(device) if device.type != "cpu" else bundle
 
@@ -37,6 +42,7 @@ def load_bundle(spec, base_dir: Path | None, device: torch.device | None = None)
 def load_model(spec, folder: Path, device: torch.device | None = None):
     """A model artifact as a bundle: tiny: the whole TinyBundle; sd3: the pretrained base with the folder's adapter
     active (a folder without one, e.g. a `none` cold start: the bare base)."""
+    verify_artifact(folder)
     if spec.model.kind == "tiny":
         from flowopd.models.tiny import TinyBundle
 
@@ -68,6 +74,7 @@ def load_teachers(names, teacher_dirs: dict, base_dir: Path | None = None, confi
     bundles = {}
     for name in names:
         folder = base_dir if name == "base" else teacher_dirs[name]
+        verify_artifact(folder)
         bundle = TinyBundle.load(folder)
         if config is not None and bundle.config != config:
             raise SystemExit(f"{name} ({folder}) has another model config than the base")
@@ -78,9 +85,9 @@ def load_teachers(names, teacher_dirs: dict, base_dir: Path | None = None, confi
 
 
 def weights_sha(folder: Path | None) -> str | None:
-    """sha256 of a model artifact's weights: model.safetensors (tiny) or adapter.safetensors (sd3); None if none."""
-    for name in WEIGHT_FILES:
-        path = None if folder is None else Path(folder) / name
-        if path is not None and path.exists():
-            return sha256_file(path)
-    return None
+    """sha256 of a model artifact's weights, model.safetensors (tiny) or adapter.safetensors (sd3), after checking
+    the folder against its producer's record; None without a folder or weights."""
+    if folder is None:
+        return None
+    hashes = verify_artifact(folder)
+    return next((hashes[name] for name in WEIGHT_FILES if name in hashes), None)

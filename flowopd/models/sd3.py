@@ -53,6 +53,7 @@ class SD3Bundle:
                 module.requires_grad_(False).eval()
         self.resolution = resolution
         self._null: Condition | None = None
+        self.detach_uncond = False  # the trainer sets it from sampler.uncond_grad
 
     @property
     def resolution(self) -> int:
@@ -135,7 +136,8 @@ class SD3Bundle:
         transformer = transformer if transformer is not None else self.transformer
         dtype = transformer.dtype
         null = self.null_condition(x.shape[0]).to(dtype=dtype) if cfg != 1.0 else None
-        v = transformer_velocity(transformer, x.to(dtype), sigma, cond.to(dtype=dtype), null, cfg)
+        v = transformer_velocity(transformer, x.to(dtype), sigma, cond.to(dtype=dtype), null, cfg,
+                                 self.detach_uncond)
         return v.float()
 
     @torch.no_grad()

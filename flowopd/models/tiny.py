@@ -91,6 +91,7 @@ class TinyBundle:
             qk_norm="rms_norm",
         )
         self._null: Condition | None = None
+        self.detach_uncond = False  # the trainer sets it from sampler.uncond_grad
 
     # -- Bundle protocol -------------------------------------------------------------------------------------
     def encode(self, texts: list[str], grad: bool = False) -> Condition:
@@ -104,7 +105,8 @@ class TinyBundle:
 
     def velocity(self, x, sigma, cond: Condition, cfg: float = 1.0, transformer=None):
         null = self.null_condition(x.shape[0]) if cfg != 1.0 else None
-        return transformer_velocity(transformer or self.transformer, x, sigma, cond, null, cfg)
+        return transformer_velocity(transformer or self.transformer, x, sigma, cond, null, cfg,
+                                    self.detach_uncond)
 
     def decode(self, x: torch.Tensor) -> np.ndarray:
         pixels = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

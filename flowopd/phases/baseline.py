@@ -16,6 +16,7 @@ import numpy as np
 from flowopd.methods.reward_trainers import RewardPool, run_reward_phase
 from flowopd.phases.keys import baseline_sub_spec
 from flowopd.phases.stage_cli import add_curve, add_model_inputs, load_checked_spec, stage_parser
+from flowopd.runtime.artifacts import verify_artifact
 from flowopd.runtime.launch import relaunch_if_asked
 
 
@@ -29,6 +30,7 @@ def run_baseline(spec, base_dir: Path | None, data_dir: Path, out: Path, curve_p
     if baseline is None:
         raise SystemExit("the spec has no baseline section")
     names = [task for task, weight in baseline.weights.items() if weight > 0]
+    verify_artifact(data_dir)  # the base is checked as it loads (flowopd.models.loading)
     prompts, tasks = [], []
     for k, task in enumerate(names):
         task_prompts = read_prompts(data_dir, task, "train")

@@ -24,6 +24,7 @@ from flowopd.runtime.artifacts import (
     now,
     sha256_file,
     spec_identity,
+    verify_artifact,
     write_curve,
     write_provenance,
 )
@@ -37,7 +38,8 @@ from flowopd.world.prompt_sets import training_prompts
 # ---------------------------------------------------------------- the phase
 def run_cold_start(spec, base_dir: Path | None, teacher_dirs: dict, data_dir: Path | None, out: Path,
                    progress: bool = True) -> None:
-    """Write the student's starting model to `out` atomically (a TinyBundle, curve.csv for sft, provenance)."""
+    """Write the student's starting model to `out` atomically (a TinyBundle, curve.csv for sft, provenance). Every
+    input folder is checked against its producer's record before it is read (models as they load)."""
     if spec.model.kind == "sd3":
         return sd3_cold_start(spec, teacher_dirs, data_dir, out, progress)
     started, start = now(), time.time()
@@ -55,6 +57,7 @@ def run_cold_start(spec, base_dir: Path | None, teacher_dirs: dict, data_dir: Pa
     elif method == "sft":
         if data_dir is None:
             raise SystemExit("an sft cold start samples the train prompts: pass --data")
+        verify_artifact(data_dir)
         prompts, tasks = training_prompts(spec, data_dir)
         used = list(Router.from_spec(spec).summary(prompts, tasks))
         teachers = load_teachers(used, teacher_dirs, base_dir, config=bundle.config)
@@ -94,6 +97,8 @@ def sd3_cold_start(spec, teacher_dirs: dict, data_dir: Path | None, out: Path, p
     if method == "merge":
         used = [name for name, weight in settings.weights.items() if weight > 0]
         require_teacher_dirs(used, teacher_dirs)
+        for name in used:
+            verify_artifact(teacher_dirs[name])
         adapters = [read_adapter(teacher_dirs[name]) for name in used]
         state, config = merged_adapter([a for a, _ in adapters], [c for _, c in adapters],
                                        [settings.weights[n] for n in used], settings.mode, settings.ties_density,
@@ -108,9 +113,13 @@ def sd3_cold_start(spec, teacher_dirs: dict, data_dir: Path | None, out: Path, p
         lora = settings.lora or spec.model.lora
         if lora is None:
             raise SystemExit("an sd3 student is a LoRA adapter beside the teachers': set cold_start.lora or model.lora")
+        verify_artifact(data_dir)
         prompts, tasks = training_prompts(spec, data_dir)
         used = list(Router.from_spec(spec).summary(prompts, tasks))
         require_teacher_dirs(used, teacher_dirs)
+        for name in used:
+            if name != "base":
+                verify_artifact(teacher_dirs[name])  # before the base model's slow load
         bundle = load_bundle(spec, None, processes.device)
         for name in used:
             if name != "base":

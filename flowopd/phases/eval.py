@@ -6,7 +6,9 @@ The folder holds metrics.json (per benchmark and metric: each seed's mean, their
 sample's scores, what the ledger's bootstrap resamples) and an image grid per benchmark. `--metrics` also writes the
 small file DVC shows (`dvc metrics show`, `dvc exp show`): the model's label and, keyed by what they measure, each
 benchmark's headline metric and `avg` (mean over benchmarks of headline / normaliser, as the report's).
-Several processes (FLOWOPD_PROCESSES, an accelerate config) split the sampling; the main one writes.
+Several processes (FLOWOPD_PROCESSES, an accelerate config) split the sampling; the main one writes. The model and
+prompt folders are checked against their producers' records first; meta.json keeps `model_sha256` (the weights
+evaluated) beside `model_recorded_sha256` (their producer's `weights_sha256`) for the ledger to compare.
 """
 
 from __future__ import annotations
@@ -17,7 +19,15 @@ from pathlib import Path
 
 from flowopd.phases.keys import sub_spec
 from flowopd.phases.stage_cli import load_checked_spec, stage_parser
-from flowopd.runtime.artifacts import atomic_folder, now, spec_identity, write_json, write_provenance
+from flowopd.runtime.artifacts import (
+    META,
+    atomic_folder,
+    now,
+    spec_identity,
+    verify_artifact,
+    write_json,
+    write_provenance,
+)
 from flowopd.runtime.launch import relaunch_if_asked
 
 
@@ -37,6 +47,9 @@ def run_eval(
 
     started, start = now(), time.time()
     processes = Processes.from_environment()
+    model_sha256 = weights_sha(model_dir)  # checked against the record of the phase that wrote it, like the data
+    verify_artifact(data_dir)
+    model_meta = json.loads((Path(model_dir) / META).read_text(encoding="utf-8"))
     bundle = load_model(spec, model_dir, processes.device)
     if not processes.is_main:
         evaluate(bundle, spec, data_dir, None, progress=False, processes=processes)
@@ -51,8 +64,9 @@ def run_eval(
             **spec_identity(spec),
             model=label,
             model_dir=str(model_dir),
-            model_sha256=weights_sha(model_dir),
-            model_sections_hash=json.loads((Path(model_dir) / "meta.json").read_text())["sections_hash"],
+            model_sha256=model_sha256,
+            model_recorded_sha256=model_meta.get("weights_sha256"),
+            model_sections_hash=model_meta["sections_hash"],
             processes=processes.count,
             started=started,
             finished=now(),

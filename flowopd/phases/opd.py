@@ -27,7 +27,7 @@ from flowopd.phases.stage_cli import (
     parse_teacher_dirs,
     stage_parser,
 )
-from flowopd.runtime.artifacts import now
+from flowopd.runtime.artifacts import now, verify_artifact
 from flowopd.runtime.launch import relaunch_if_asked
 from flowopd.runtime.processes import Processes
 from flowopd.train.policy import ADAPTER
@@ -42,6 +42,7 @@ def run_opd(spec, init_dir: Path, base_dir: Path | None, teacher_dirs: dict, dat
     trainer (flowopd.train.trainer). sd3: student, teachers and anchor are adapters on ONE frozen base (sd3_models)."""
     started, start, settings = now(), time.time(), spec.opd
     processes = Processes.from_environment()
+    verify_artifact(data_dir)  # and every model folder as it loads (tiny_models, sd3_models)
     prompts, tasks = training_prompts(spec, data_dir)
     router = Router.from_spec(spec)
     routes = router.route_all(prompts, tasks)
@@ -78,6 +79,7 @@ def tiny_models(init_dir: Path, names: list[str], teacher_dirs: dict, base_dir: 
     from flowopd.models.loading import load_teachers
     from flowopd.models.tiny import TinyBundle
 
+    verify_artifact(init_dir)
     student = TinyBundle.load(init_dir)
     models = load_teachers(names, teacher_dirs, base_dir, config=student.config)
     student_text = student.text_encoder.state_dict()
@@ -99,6 +101,8 @@ def sd3_models(spec, init_dir: Path, names: list[str], teacher_dirs: dict, devic
     if ADAPTER in names:
         raise SystemExit(f"a teacher may not be named {ADAPTER!r}: the student's adapter has that name")
     require_teacher_dirs(names, teacher_dirs)
+    for folder in [init_dir, *(teacher_dirs[name] for name in names if name != "base")]:
+        verify_artifact(folder)  # before the base model's slow load
     bundle = load_bundle(spec, None, device)
     for name in names:
         if name != "base":

@@ -15,6 +15,7 @@ import numpy as np
 from flowopd.methods.reward_trainers import RewardPool, run_reward_phase
 from flowopd.phases.keys import teacher_sub_spec
 from flowopd.phases.stage_cli import add_curve, add_model_inputs, load_checked_spec, stage_parser
+from flowopd.runtime.artifacts import verify_artifact
 from flowopd.runtime.launch import relaunch_if_asked
 
 
@@ -25,6 +26,7 @@ def run_teacher(spec, name: str, base_dir: Path | None, data_dir: Path, out: Pat
     from flowopd.world.prompt_sets import read_prompts, world_config
 
     teacher = spec.teachers[name]
+    verify_artifact(data_dir)  # the base is checked as it loads (flowopd.models.loading)
     prompts = read_prompts(data_dir, teacher.task, "train")
     reward = task_reward(spec.tasks[teacher.task], world_config(spec))
     pool = RewardPool(prompts, np.zeros(len(prompts), dtype=int), [reward], [teacher.task], [1.0])

@@ -29,6 +29,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -47,7 +48,7 @@ from flowopd.phases.keys import (
 )
 from flowopd.pipeline.code_deps import stage_code_deps
 from flowopd.runtime.records import RUN_RECORD
-from flowopd.spec import extends_chain, load_spec
+from flowopd.spec import SpecError, extends_chain, load_spec
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ class Layout:
         def paths(entries):
             return [self.local(e) if isinstance(e, str) else {self.local(k): v for k, v in e.items()} for e in entries]
 
-        to_root = os.path.relpath(".", self.project)
+        to_root = shlex.quote(os.path.relpath(".", self.project))
         return {key: f"cd {to_root} && {value}" if key == "cmd" else paths(value) for key, value in stage.items()}
 
 
@@ -107,8 +108,19 @@ HEADER = (
 
 def artifact_outs(folder: str) -> list:
     """An artifact folder (cached, what later stages depend on) and its run record beside it: an output without
-    cache that no stage depends on, so a rerun's new times never make anything downstream stale."""
-    return [folder, {folder + RUN_RECORD: {"cache": False}}]
+    cache that no stage depends on, so a rerun's new times never make anything downstream stale. The record
+    persists (DVC does not delete it before the stage runs): being in no cache, it would be lost by a failed or
+    killed rerun; the stage replaces it atomically when it succeeds (flowopd.runtime.artifacts.atomic_folder)."""
+    return [folder, {folder + RUN_RECORD: {"cache": False, "persist": True}}]
+
+
+def command(*tokens: str) -> str:
+    """A stage command: DVC runs it through a shell, so every token is quoted and a label with spaces or
+    parentheses (`Flow-OPD (ours)`) stays one argument, never shell syntax. Plain tokens are written as they are."""
+    return shlex.join(tokens)
+
+
+SPEC_FILE_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*\.ya?ml$")  # what a spec file may be called
 
 
 def pipeline_specs(root: Path, layout: Layout = TINY) -> list[str]:
@@ -126,7 +138,7 @@ def prompt_files(spec) -> list[str]:
 def spec_params(root: Path, spec_path: str, keys: tuple[str, ...]) -> list[dict]:
     """DVC params: for each file of the extends chain, the keys (`section` or `section.entry`) that file sets."""
     params = []
-    for file, raw in extends_chain(root / spec_path):
+    for file, raw in extends_chain(root / spec_path, root):
         present = [k for k in keys if _sets(raw, k)]
         if present:
             params.append({os.path.relpath(file, root): present})
@@ -143,10 +155,12 @@ class _Builder:
 
     def __init__(self, root: Path, layout: Layout):
         self.root, self.layout, self.stages = root, layout, {}
+        self.used: set[str] = set()  # the stages of the spec being added
         self.shards: dict[str, str] = {}  # eval out -> the model folder it evaluated (the ledger reads its curve)
         self.anchor_task: str | None = None  # the MAR table's benchmark: the first spec's MAR anchor's task
 
     def add(self, name: str, stage: dict, spec_path: str, param_keys: tuple[str, ...]) -> None:
+        self.used.add(name)
         if name not in self.stages:
             self.stages[name] = self.layout.localized({**stage, "params": spec_params(self.root, spec_path,
                                                                                       param_keys)})
@@ -158,14 +172,15 @@ class _Builder:
     def artifact(self, phase: str, key: str) -> str:
         return f"{self.layout.artifacts}/{phase}/{key}"
 
-    def train(self, phase: str, key: str, name: str, spec_path: str, args: str, param_keys, deps: list[str]) -> str:
+    def train(self, phase: str, key: str, name: str, spec_path: str, args: list[str], param_keys,
+              deps: list[str]) -> str:
         """A training stage writing <artifacts>/<phase>/<key> and its curve; returns the artifact folder."""
         out, curve = self.artifact(phase, key), f"{self.layout.reports}/curves/{phase}-{key}.csv"
-        cmd = " ".join(part for part in (f"python stages/{phase}.py --spec {spec_path}", args, f"--out {out}") if part)
-        stage = {"cmd": cmd, "deps": deps, "outs": artifact_outs(out)}
+        tokens = ["python", f"stages/{phase}.py", "--spec", spec_path, *args, "--out", out]
+        tokens += ["--curve", curve] if phase != "cold_start" else []
+        stage = {"cmd": command(*tokens), "deps": deps, "outs": artifact_outs(out)}
         if phase != "cold_start":
-            stage["cmd"] += f" --curve {curve}"
-            stage["plots"] = [{curve: {"cache": False, "x": "step", "y": "loss" if phase == "base" else "reward"}}]
+            stage["plots"] = [{curve: {"cache": False, "persist": True, "x": "step", "y": "loss" if phase == "base" else "reward"}}]
         self.add(name, stage, spec_path, param_keys)
         return out
 
@@ -173,63 +188,76 @@ class _Builder:
         name, out = f"eval-{model_key}-{eval_key}", self.artifact("eval", f"{model_key}-{eval_key}")
         metrics = f"{self.layout.reports}/metrics/{name}.json"
         self.add(name, {
-            "cmd": f"python stages/eval.py --spec {spec_path} --model {model_dir} --data {data_dir} "
-                   f"--label {label} --out {out} --metrics {metrics}",
+            "cmd": command("python", "stages/eval.py", "--spec", spec_path, "--model", model_dir, "--data", data_dir,
+                           "--label", label, "--out", out, "--metrics", metrics),
             "deps": [*self.code("eval"), model_dir, data_dir],
             "outs": artifact_outs(out),
-            "metrics": [{metrics: {"cache": False}}],
+            "metrics": [{metrics: {"cache": False, "persist": True}}],
         }, spec_path, OWN_SECTIONS["eval"])
         self.shards[out] = model_dir
 
     def ledger_and_report(self) -> None:
         """The ledger ingests every eval shard (it keeps history across runs: persist, no DVC cache, rebuilt from
-        the shards if lost); the report reads the current shards' rows."""
+        the shards if lost); the report reads the current shards' rows. The report's outputs persist too: it
+        replaces each one atomically when it succeeds, so a failed or killed report leaves the previous one."""
         if not self.shards:
             return
-        db, reports, listed = f"{self.layout.reports}/ledger.duckdb", self.layout.reports, " ".join(self.shards)
-        quality = f" --quality-benchmark {self.anchor_task}" if self.anchor_task else ""
+        db, reports, listed = f"{self.layout.reports}/ledger.duckdb", self.layout.reports, list(self.shards)
+        quality = ["--quality-benchmark", self.anchor_task] if self.anchor_task else []
         self.stages["ledger"] = self.layout.localized({
-            "cmd": f"python stages/ledger.py --db {db} {listed}",
+            "cmd": command("python", "stages/ledger.py", "--db", db, *listed),
             "deps": [*self.code("ledger"), *self.shards, *sorted(set(self.shards.values()))],
             "outs": [{db: {"persist": True, "cache": False}}],
         })
         self.stages["report"] = self.layout.localized({
-            "cmd": f"python stages/report.py --db {db} --out {reports}{quality} {listed}",
+            "cmd": command("python", "stages/report.py", "--db", db, "--out", reports, *quality, *listed),
             "deps": [*self.code("report"), db, *self.shards],
-            "outs": [{f"{reports}/{path}": {"cache": False}} for path in REPORT_OUTS],
+            "outs": [{f"{reports}/{path}": {"cache": False, "persist": True}} for path in REPORT_OUTS],
         })
 
 
-def build(root: Path = Path("."), layout: Layout = TINY) -> dict:
-    """The dvc.yaml mapping of a pipeline (by default the tiny one) for its spec files under `root`."""
+def build(root: Path = Path("."), layout: Layout = TINY, notes: list[str] | None = None) -> dict:
+    """The dvc.yaml mapping of a pipeline (by default the tiny one) for its spec files under `root`. Refuses spec
+    files with odd names and two specs with one name or label (SpecError naming both files); a spec that adds no
+    stage of its own is appended to `notes` (its label would get no row of its own)."""
     root = Path(root)
     b = _Builder(root, layout)
+    first_with, stages_of, problems = {}, {}, []  # (field, value) -> spec; frozenset of stages -> spec
     for spec_path in pipeline_specs(root, layout):
-        spec = load_spec(root / spec_path)
+        if not SPEC_FILE_NAME.match(os.path.basename(spec_path)):
+            problems.append(f"{spec_path}: a spec file name is letters, digits, _ . - and ends in .yaml")
+            continue
+        spec = load_spec(root / spec_path, root)
+        for field, value in (("name", spec.name), ("label", spec.label)):
+            first = first_with.setdefault((field, value), spec_path)
+            if first != spec_path:
+                problems.append(f"{spec_path}: {field} {value!r} is already the {field} of {first}; "
+                                f"two specs must differ in both")
+        b.used = set()
         if b.anchor_task is None and spec.mar.anchor in spec.teachers:
             b.anchor_task = spec.teachers[spec.mar.anchor].task
         keys = {phase: sub_spec_hash(spec, phase)[:10] for phase in PHASE_SECTIONS}
         data_dir = b.artifact("data", keys["data"])
         b.add(f"data-{keys['data']}", {
-            "cmd": f"python stages/data.py --spec {spec_path} --out {data_dir}",
+            "cmd": command("python", "stages/data.py", "--spec", spec_path, "--out", data_dir),
             "deps": [*b.code("data"), *prompt_files(spec)],
             "outs": artifact_outs(data_dir),
         }, spec_path, OWN_SECTIONS["data"])
         models = {}  # model key -> (report label, artifact folder)
         own_model = () if spec.model.kind == "tiny" else ("model",)
-        base_dir, base_arg, base_deps = None, "", []
+        base_dir, base_arg, base_deps = None, [], []
         if spec.model.kind == "tiny":
-            base_dir = b.train("base", keys["base"], f"base-{keys['base']}", spec_path, "",
+            base_dir = b.train("base", keys["base"], f"base-{keys['base']}", spec_path, [],
                                OWN_SECTIONS["base"], b.code("base"))
-            base_arg, base_deps = f"--base {base_dir} ", [base_dir]
+            base_arg, base_deps = ["--base", base_dir], [base_dir]
             models[f"base-{keys['base']}"] = ("base", base_dir)
-        inputs = f"{base_arg}--data {data_dir}"
+        inputs = [*base_arg, "--data", data_dir]
         teacher_dirs = {}
         for name, teacher in spec.teachers.items():
             key = stage_key(teacher_sub_spec(spec, name))
             params = (*own_model, *OWN_SECTIONS["teacher"], f"teachers.{name}")
             teacher_dirs[name] = b.train("teacher", key, f"teacher-{teacher.task}-{key}", spec_path,
-                                         f"--teacher {name} {inputs}", params,
+                                         ["--teacher", name, *inputs], params,
                                          [*b.code("teacher"), *base_deps, data_dir])
             models[f"teacher-{key}"] = (f"teacher:{name}", teacher_dirs[name])
         if spec.baseline is not None:
@@ -238,28 +266,34 @@ def build(root: Path = Path("."), layout: Layout = TINY) -> dict:
                           (*own_model, *OWN_SECTIONS["baseline"]), [*b.code("baseline"), *base_deps, data_dir])
             models[f"baseline-{key}"] = ("mixed_grpo", out)
         if teacher_dirs:
-            teacher_args = " ".join(f"--teacher {name}={folder}" for name, folder in teacher_dirs.items())
+            teacher_args = [arg for name, folder in teacher_dirs.items() for arg in ("--teacher", f"{name}={folder}")]
             teacher_deps = sorted(set(teacher_dirs.values()))
             init_dir = base_dir
             if spec.cold_start.method != "none":
                 key = stage_key(cold_start_sub_spec(spec))
                 sft = ("sampler",) if spec.cold_start.method == "sft" else ()
-                init_dir = b.train("cold_start", key, f"cold_start-{key}", spec_path, f"{inputs} {teacher_args}",
+                init_dir = b.train("cold_start", key, f"cold_start-{key}", spec_path, [*inputs, *teacher_args],
                                    (*own_model, *sft, *OWN_SECTIONS["cold_start"]),
                                    [*b.code("cold_start"), *base_deps, data_dir, *teacher_deps])
             key = stage_key(opd_sub_spec(spec))
-            out = b.train("opd", key, f"opd-{key}", spec_path, f"{inputs} {teacher_args} --init {init_dir}",
+            out = b.train("opd", key, f"opd-{key}", spec_path, [*inputs, *teacher_args, "--init", init_dir],
                           (*own_model, *OWN_SECTIONS["opd"]),
                           [*b.code("opd"), *base_deps, data_dir, *teacher_deps, init_dir])
             models[f"opd-{key}"] = (spec.label, out)
         for model_key, (label, model_dir) in models.items():
             b.evaluate(spec_path, model_key, label, model_dir, data_dir, keys["eval"])
+        twin = stages_of.setdefault(frozenset(b.used), spec_path)
+        if twin != spec_path and notes is not None:
+            notes.append(f"{spec_path} runs the same stages as {twin} (twins): its label {spec.label!r} gets no "
+                         "row of its own; change what it ablates or remove it")
+    if problems:
+        raise SpecError(problems)
     b.ledger_and_report()
     return {"stages": b.stages}
 
 
-def render(root: Path = Path("."), layout: Layout = TINY) -> str:
-    return HEADER + yaml.safe_dump(build(root, layout), sort_keys=False, width=120)
+def render(root: Path = Path("."), layout: Layout = TINY, notes: list[str] | None = None) -> str:
+    return HEADER + yaml.safe_dump(build(root, layout, notes), sort_keys=False, width=120)
 
 
 def layouts(root: Path) -> list[Layout]:
@@ -267,12 +301,12 @@ def layouts(root: Path) -> list[Layout]:
     return [layout for layout in PIPELINES if pipeline_specs(Path(root), layout)]
 
 
-def write(root: Path = Path(".")) -> list[str]:
+def write(root: Path = Path("."), notes: list[str] | None = None) -> list[str]:
     """Write each pipeline's dvc.yaml and drop its dvc.lock's entries of stages it no longer has; returns the
-    dvc.yaml files that changed."""
+    dvc.yaml files that changed (twin specs are appended to `notes`)."""
     changed = []
     for layout in layouts(root):
-        path, text = Path(root) / layout.dvc_yaml, render(root, layout)
+        path, text = Path(root) / layout.dvc_yaml, render(root, layout, notes)
         prune_lock(path.with_name("dvc.lock"), set(yaml.safe_load(text)["stages"]))
         if not path.exists() or path.read_text() != text:
             path.parent.mkdir(parents=True, exist_ok=True)

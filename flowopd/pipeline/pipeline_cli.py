@@ -11,7 +11,10 @@ def pipeline_command(args) -> int:
 
     try:
         if args.action == "write":
-            changed = pipeline.write()
+            notes = []
+            changed = pipeline.write(notes=notes)
+            for note in notes:
+                print(f"note: {note}", file=sys.stderr)
             print(f"{', '.join(changed)} updated" if changed else "dvc.yaml files already up to date")
             return 0
         if pipeline.stale():

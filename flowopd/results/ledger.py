@@ -15,7 +15,10 @@ beside each folder (`<folder>.run.json`, flowopd.runtime.artifacts); folders fro
 A run_id is a hash of the shard's content and its run record (meta.json + metrics.json + the record), so ingesting
 a shard twice is a no-op, a rerun that wrote the same bytes is a new run, and the ledger keeps every run it has
 seen. One writer: all shards go in one transaction, and a bad shard (named with what is wrong) stops the ingest
-before the ledger is opened. DuckDB lets one process hold a file for
+before the ledger is opened. A shard is bad, too, when it is not what it claims: samples.jsonl missing, a
+metrics.json value that is not the mean of its samples, or a model sha256 other than the one its training recorded.
+Every connection is confined to the ledger file (CONFINED): no query reads or writes another file or loads an
+extension. DuckDB lets one process hold a file for
 writing (no one else can even read it meanwhile): a held lock is retried a few times, then reported in one line.
 
 duckdb and pyarrow are imported inside functions: `flowopd` start-up (`flowopd spec validate`) stays fast.
@@ -40,6 +43,10 @@ from flowopd.spec.hashing import canonical_hash
 
 DEFAULT_DB = Path("reports/ledger.duckdb")
 LOCK_TRIES, LOCK_DELAY = 5, 0.25  # seconds before the 2nd try, doubling: 0.25 + 0.5 + 1 + 2 = 3.75 s in all
+# Every connection: DuckDB touches no file but the ledger (COPY TO, read_csv, ATTACH, EXPORT are refused), installs
+# and loads no extension, and a query cannot SET these back. With read_only, a query cannot change the ledger either.
+CONFINED = {"enable_external_access": False, "autoinstall_known_extensions": False,
+            "autoload_known_extensions": False, "lock_configuration": True}
 
 # Column name -> DuckDB type; the Arrow schema of the bulk inserts is derived from the same table.
 TABLES: dict[str, dict[str, str]] = {
@@ -69,6 +76,7 @@ TABLES: dict[str, dict[str, str]] = {
 # existed gains the rows on the next ingest of the same shards (their run_ids are unchanged).
 BACKFILL = ("samples",)
 SAMPLE_KEYS = ("benchmark", "seed", "index", "prompt")  # the rest of a samples.jsonl row: one score per metric
+MEAN_TOLERANCE = 1e-6  # metrics.json's values must be the mean of their samples (float32 rounding aside)
 ROLES = {"meta.json": "meta", "spec.json": "spec", "metrics.json": "metrics", "samples.jsonl": "samples",
          "curve.csv": "curve", "model.safetensors": "weights", "model_config.json": "config"}
 
@@ -264,9 +272,10 @@ def read_samples(path: Path, record: dict) -> list[tuple]:
     """samples.jsonl -> (benchmark, seed, prompt index, prompt, metric, value), one per metric a row scores.
 
     Only the metrics metrics.json lists for the row's benchmark are read (other keys, such as a decoded text, are
-    skipped); a boolean (a per-sample flag) counts as 0 or 1. A shard without the file has no samples."""
+    skipped); a boolean (a per-sample flag) counts as 0 or 1. Every evaluation writes the file: a shard without it
+    is refused (its metrics could not be checked)."""
     if not path.is_file():
-        return []
+        raise LedgerError(f"{path.parent}: missing {path.name} (the scores its metrics.json is checked against)")
     samples, seen = [], set()
     with open(path, encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, start=1):
@@ -297,6 +306,47 @@ def read_samples(path: Path, record: dict) -> list[tuple]:
     return samples
 
 
+def check_samples(folder: Path, record: dict, samples: list[tuple]) -> None:
+    """metrics.json must be what samples.jsonl says: per benchmark, metric and seed, `n` scores whose mean is the
+    recorded value, and each metric's `mean` the mean over its seeds; otherwise the shard is refused."""
+    sums: dict[tuple, list] = {}  # (benchmark, metric, seed) -> [count, total]
+    for benchmark, seed, _, _, metric, value in samples:
+        cell = sums.setdefault((benchmark, metric, seed), [0, 0.0])
+        cell[0] += 1
+        cell[1] += value
+    for task, bench in record["benchmarks"].items():
+        for metric, stats in bench["metrics"].items():
+            at = f"{folder}/metrics.json: benchmarks.{task}.metrics.{metric}"
+            for seed, value in stats["seeds"].items():
+                count, total = sums.get((task, metric, int(seed)), (0, 0.0))
+                if count != bench["n"]:
+                    raise LedgerError(f"{at}.seeds.{seed}: n is {bench['n']} prompts, samples.jsonl scores {count}")
+                if not math.isclose(total / count, value, rel_tol=MEAN_TOLERANCE, abs_tol=MEAN_TOLERANCE):
+                    raise LedgerError(f"{at}.seeds.{seed} is {value!r}, its {count} scores in samples.jsonl average "
+                                      f"{total / count!r}")
+            mean = math.fsum(stats["seeds"].values()) / len(stats["seeds"])
+            recorded = _number(stats.get("mean", mean), f"{at}.mean")
+            if not math.isclose(recorded, mean, rel_tol=MEAN_TOLERANCE, abs_tol=MEAN_TOLERANCE):
+                raise LedgerError(f"{at}.mean is {recorded!r}, its seeds average {mean!r}")
+
+
+def check_lineage(folder: Path, meta: dict, model_dir: Path | None) -> None:
+    """The evaluated weights must be the ones their training phase recorded: the sha256 the evaluation hashed
+    against the one it read from the model's meta.json then, and against the model folder's meta.json now."""
+    where = f"{folder}/meta.json"
+    if "model_recorded_sha256" in meta and meta["model_recorded_sha256"] != meta.get("model_sha256"):
+        raise LedgerError(f"{where}: model_sha256 {meta.get('model_sha256')} is not model_recorded_sha256 "
+                          f"{meta['model_recorded_sha256']}: the evaluated weights are not the trained ones")
+    if model_dir is None or not (model_dir / "meta.json").is_file():
+        return  # the folder is gone: _add_training_run notes it
+    trained = _read_json(model_dir / "meta.json")
+    trained = trained if isinstance(trained, dict) else {}
+    for evaluated, recorded in (("model_sha256", "weights_sha256"), ("model_sections_hash", "sections_hash")):
+        if meta.get(evaluated) != trained.get(recorded):
+            raise LedgerError(f"{where}: {evaluated} {meta.get(evaluated)} is not the {recorded} "
+                              f"{trained.get(recorded)} of {model_dir}/meta.json: not the model its lineage records")
+
+
 def read_shard(rows: Rows, folder: str | Path) -> str:
     """Add one eval shard (and its model's training run) to `rows`; returns its run_id. Raises LedgerError."""
     folder = Path(folder)
@@ -317,6 +367,7 @@ def read_shard(rows: Rows, folder: str | Path) -> str:
             raise LedgerError(f"{where}: {key}: missing")
     record = _check_metrics(_read_json(folder / "metrics.json"), f"{folder}/metrics.json")
     samples = read_samples(folder / "samples.jsonl", record)
+    check_samples(folder, record, samples)
     spec = _read_json(folder / "spec.json")
     spec = spec if isinstance(spec, dict) else {}
     tasks = spec.get("tasks") if isinstance(spec.get("tasks"), dict) else {}
@@ -336,6 +387,7 @@ def read_shard(rows: Rows, folder: str | Path) -> str:
         benchmark_rows.append({"run_id": run_id, "benchmark": task, "position": position,
                                "headline": bench["headline"], "normaliser": normaliser, "n": bench["n"]})
     model_dir = meta.get("model_dir")
+    check_lineage(folder, meta, Path(model_dir) if isinstance(model_dir, str) else None)
     parent = _add_training_run(rows, Path(model_dir), meta["model"]) if isinstance(model_dir, str) else None
     rows.run_ids.add(run_id)
     rows.add("runs", **_run_row(meta, run, f"{folder}/meta.json", run_id=run_id, parent_run_id=parent,
@@ -381,7 +433,8 @@ def _lock_holder(message: str) -> str:
 @contextlib.contextmanager
 def connect(db: str | Path = DEFAULT_DB, read_only: bool = False, tries: int | None = None,
             delay: float | None = None):
-    """A DuckDB connection; a lock held by another process is retried `tries` times with doubling waits."""
+    """A DuckDB connection confined to the ledger file (CONFINED); a lock held by another process is retried `tries`
+    times with doubling waits."""
     import duckdb
 
     tries, delay = tries or LOCK_TRIES, LOCK_DELAY if delay is None else delay
@@ -392,7 +445,7 @@ def connect(db: str | Path = DEFAULT_DB, read_only: bool = False, tries: int | N
         db.parent.mkdir(parents=True, exist_ok=True)
     for attempt in range(tries):
         try:
-            con = duckdb.connect(str(db), read_only=read_only)
+            con = duckdb.connect(str(db), read_only=read_only, config=CONFINED)
             break
         except duckdb.IOException as err:
             if "Could not set lock" not in str(err):

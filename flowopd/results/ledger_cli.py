@@ -1,6 +1,7 @@
 """`flowopd ledger ingest|sql`, and the ledger stage (`python stages/ledger.py --db DB SHARD...`).
 
-A bad ledger or shard is one line on stderr and exit status 1; DuckDB is imported inside the commands.
+A bad ledger or shard is one line on stderr and exit status 1; DuckDB is imported inside the commands. Ingesting
+and building the report take one lock, `<ledger>.lock`, so they never run at once: the second waits for the first.
 """
 
 from __future__ import annotations
@@ -11,14 +12,24 @@ from pathlib import Path
 
 from flowopd.results.formats import format_rows
 from flowopd.results.ledger import DEFAULT_DB, LedgerError, ingest, query
+from flowopd.runtime.artifacts import exclusive_lock
+
+
+def ledger_lock(db: Path):
+    """The lock the ledger and the report stages share: `<ledger>.lock` beside the ledger file."""
+    return exclusive_lock(Path(f"{db}.lock"))
 
 
 # ---------------------------------------------------------------- flowopd ledger
 def cmd_ingest(args) -> int:
     try:
-        new, known = ingest(args.shards, args.db)
+        with ledger_lock(args.db):
+            new, known = ingest(args.shards, args.db)
     except LedgerError as err:
         print(err, file=sys.stderr)
+        return 1
+    except TimeoutError as err:
+        print(f"{err.filename}: {err.strerror}", file=sys.stderr)
         return 1
     print(f"{args.db}: {len(new)} new run(s), {len(known)} already ingested")
     return 0

@@ -1,12 +1,13 @@
 """The report: what the `report` stage writes into `reports/` from the ledger, for the current pipeline's eval shards
 (their run_ids pick the current rows of a ledger that keeps the whole history).
 
-- `main_table.csv` / `.md` / `.tex`: one row per model label, per task the headline metric (mean over prompts and
+- `main_table.csv` / `.md` / `.tex`: one row per model label of the main evaluation setting, per task the headline metric (mean over prompts and
   seeds) and `avg` = mean over tasks of headline / normaliser (the paper's Avg = mean(GenEval, OCR, DeQA/5,
   PickScore/26)), each with its 95% bootstrap interval (`<column>_lo`, `<column>_hi`; `flowopd/results/bootstrap.py`);
 - `mar_table.md` (every metric of the quality benchmark), `exploit_table.md` (share of prompt-ignoring samples);
 - `plots/tasks.png`, `plots/curves_<phase>.png`, `grids/<model>_<task>.png`, and `README.md` indexing them all,
-  with the paper's claims decided from the intervals (`flowopd/results/claims.py`).
+  with the paper's claims decided from the intervals (`flowopd/results/claims.py`) and a table per other evaluation
+  setting (an ablation of `evaluation`); under each table, the run and shard every row comes from.
 The numbers come from `flowopd.results.tables` (the same frames a notebook gets) and are rendered by `flowopd.results.formats`.
 Polars, DuckDB and matplotlib are imported inside functions (fast `flowopd` start-up).
 """
@@ -44,14 +45,19 @@ def safe_name(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", label).strip("-") or "model"
 
 
-def runs_line(values: pl.DataFrame) -> str:
+def provenance(values: pl.DataFrame) -> str:
+    """Which run each row comes from: a Markdown table of label, ledger run_id, eval shard, spec and git."""
     from flowopd.results.tables import model_order
 
-    runs = values.select("model", "run_id", "spec_name", "git_rev", "git_dirty").unique()
+    runs = values.select("model", "run_id", "shard", "spec_name", "git_rev", "git_dirty", "evaluation").unique()
     runs = sorted(runs.iter_rows(), key=lambda r: model_order(r[0]))
-    return ("Runs (ledger `run_id`; `flowopd ledger sql \"SELECT * FROM runs WHERE run_id = '...'\"`): "
-            + ", ".join(f"{m} `{r}` ({s}, git {(g or '?')[:8]}{'+dirty' if d else ''})" for m, r, s, g, d in runs)
-            + ".")
+    settings = ", ".join(sorted({f"`{(e or '?')[:10]}`" for *_, e in runs}))
+    lines = [(f"Rows of evaluation setting {settings} (the eval sub-spec's hash), each from one run (ledger "
+              "`run_id`; `flowopd ledger sql \"SELECT * FROM runs WHERE run_id = '...'\"`):"), "",
+             "| row | run_id | shard | spec | git |", "|---|---|---|---|---|"]
+    lines += [f"| {m} | `{r}` | `{shard}` | {spec} | {(g or '?')[:8]}{'+dirty' if d else ''} |"
+              for m, r, shard, spec, g, d, _ in runs]
+    return "\n".join(lines)
 
 
 def main_markdown(results: Results, frame: pl.DataFrame) -> str:
@@ -74,8 +80,22 @@ def main_markdown(results: Results, frame: pl.DataFrame) -> str:
          "PickScore/26); its interval resamples each task's prompts. Two rows evaluated on the same prompts and "
          "seeds share their resamples, so their difference has a paired interval (`flowopd report compare`, the "
          "claims in `README.md`), often much narrower than the two rows' intervals suggest. `–`: no result."), "",
-        runs_line(results.values), "",
+        provenance(results.values), "",
     ])
+
+
+def other_settings_markdown(groups: list[Results]) -> str:
+    """Rows evaluated under settings other than the main one (an ablation of `evaluation`): a table each."""
+    from flowopd.results.formats import markdown
+
+    if not groups:
+        return ""
+    lines = ["## Other evaluation settings", "",
+             ("Rows evaluated under other evaluation settings (other prompts, seeds or benchmarks): not comparable "
+              f"with the main table, so neither in it nor in the claims; {INTERVALS}."), ""]
+    for results in groups:
+        lines += [markdown(results.main_table(), DIGITS), provenance(results.values), ""]
+    return "\n".join(lines)
 
 
 def mar_markdown(frame: pl.DataFrame, benchmark: str) -> str:
@@ -181,7 +201,7 @@ def plot_curves(curves: pl.DataFrame, phase: str, path: Path) -> None:
 
 # ---------------------------------------------------------------- README and build
 def _readme(main: str, phases: list[str], grids: dict[str, dict[str, str]], tasks: list[str], mar: str,
-            exploit: str, claims: str, has_exploit: bool) -> str:
+            exploit: str, claims: str, has_exploit: bool, others: str = "") -> str:
     from flowopd.results.tables import model_order
 
     columns = tasks + sorted({t for g in grids.values() for t in g} - set(tasks))
@@ -214,6 +234,7 @@ def _readme(main: str, phases: list[str], grids: dict[str, dict[str, str]], task
         "![tasks](plots/tasks.png)", "",
         mar.replace("# MAR table", "## MAR table", 1),
         *([exploit.replace("# Exploit table", "## Exploit table", 1)] if has_exploit else []),
+        *([others] if others else []),
     ]
     return "\n".join(lines)
 
@@ -228,7 +249,7 @@ def build(shards: list[str | Path], db: str | Path = DEFAULT_DB, out: str | Path
     out = Path(out)
     with connect(db, read_only=True) as con:
         run_ids = tables.current_run_ids(con, shards, db)
-        results = tables.load_runs(con, run_ids)
+        results, *others = tables.load_groups(con, run_ids)  # the main evaluation setting's rows first
         parents = results.values["parent_run_id"].drop_nulls().unique().to_list()
         curves = tables.query_runs(con, CURVES_SQL, parents)
     shard_of = {shard_run_id(s): Path(s) for s in shards}
@@ -260,5 +281,5 @@ def build(shards: list[str | Path], db: str | Path = DEFAULT_DB, out: str | Path
     for folder in (out / "plots", out / "grids"):  # atomic_folder's temp folders are private
         os.chmod(folder, 0o777 & ~UMASK)
     write_text(out / "README.md", _readme(main, phases, grids, results.tasks, mar, exploit, claims,
-                                          exploit_frame.height > 0))
+                                          exploit_frame.height > 0, other_settings_markdown(others)))
     return frame

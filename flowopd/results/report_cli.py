@@ -1,7 +1,8 @@
 """`flowopd report build|compare|table|claims`, and the report stage (`python stages/report.py ...`).
 
 A bad ledger, spec or file is one line on stderr and exit status 1. Polars, DuckDB and matplotlib are imported inside
-the commands, so `flowopd --help` stays fast.
+the commands, so `flowopd --help` stays fast. `build` writes the whole report into a staging folder, then replaces
+each output atomically, under the ledger's lock: a failed, killed or concurrent report leaves the previous one whole.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ import sys
 from pathlib import Path
 
 from flowopd.results.ledger import DEFAULT_DB, LedgerError
+from flowopd.results.ledger_cli import ledger_lock
 from flowopd.results.report import DEFAULT_OUT, DIGITS, build
-from flowopd.runtime.artifacts import write_text
+from flowopd.runtime.artifacts import replace_path, staging_folder, write_text
 
 
 # ---------------------------------------------------------------- flowopd report
@@ -32,9 +34,19 @@ def _one_line(action) -> int:
     return 0
 
 
+def build_in_place(shards, db: Path, out: Path, quality_benchmark: str):
+    """The report written whole into a staging folder beside its outputs, then each output replaced atomically
+    (README.md last), all under the ledger's lock; returns the main table."""
+    with ledger_lock(db), staging_folder(Path(out) / "report") as staging:
+        table = build(shards, db, staging, quality_benchmark)
+        for path in sorted(staging.iterdir(), key=lambda p: (p.name == "README.md", p.name)):
+            replace_path(path, Path(out) / path.name)
+    return table
+
+
 def cmd_build(args) -> int:
     def action():
-        table = build(args.shards, args.db, args.out, args.quality_benchmark)
+        table = build_in_place(args.shards, args.db, args.out, args.quality_benchmark)
         print(f"{args.out}: main table of {table.height} model(s), plots, grids, README.md")
 
     return _one_line(action)

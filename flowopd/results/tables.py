@@ -4,7 +4,7 @@ The report stage renders these frames (Markdown, CSV, LaTeX: `flowopd.results.fo
 
     from flowopd.results import tables
     tables.sql("SELECT model, count(*) AS runs FROM runs GROUP BY model")   # any query, the ledger read-only
-    tables.main_table()                                     # the latest eval run of every model label
+    tables.main_table()                                     # the latest eval run of every row, main evaluation
     tables.main_table(rows=["teacher:*", "flow_opd", "specs/ablations/*.yaml"], columns=["text", "avg"])
     tables.main_table(rows=["specs/ablations/*.yaml"], against="flow_opd")    # paired differences
     tables.mar_table(); tables.exploit_table()
@@ -15,6 +15,10 @@ A cell is the mean over prompts and seeds of a metric (equal to the mean over se
 seeds, paired across rows evaluated on the same prompts and seeds), null where the ledger holds no per-sample
 scores. `rows` entries are label globs (`teacher:*`) or spec globs (`specs/ablations/*.yaml`: each spec's label),
 in the order given; a label without results is a row of nulls (and a note on stderr), so a table never hides it.
+
+A row is a label's model (its lineage: the model artifact's hash) under one evaluation setting (the eval sub-spec's
+hash): an ablation that changes only `evaluation` adds rows of its own setting instead of replacing others. The
+tables and claims show the main setting's rows (the setting with the most rows); `load_groups` gives every setting.
 """
 
 from __future__ import annotations
@@ -30,24 +34,31 @@ import polars as pl
 
 from flowopd.results import bootstrap
 from flowopd.results.bootstrap import Design, Estimate
-from flowopd.results.ledger import DEFAULT_DB, LedgerError, connect, shard_run_id
+from flowopd.results.ledger import DEFAULT_DB, MEAN_TOLERANCE, LedgerError, connect, shard_run_id
 
 EXPLOIT_METRIC = "prompt_ignoring"  # share of samples a detector flags as ignoring the prompt, per benchmark
-MEAN_TOLERANCE = 1e-6  # samples must average to metrics.json's values (float32 rounding aside), or go unused
 
 # Headline values of the wanted eval runs, one row per (run, benchmark, seed).
 HEADLINE_SQL = """
 SELECT r.run_id, r.model, r.finished, r.parent_run_id, r.shard, r.spec_name, r.spec_hash, r.git_rev, r.git_dirty,
-       b.benchmark, b.position, b.headline, b.normaliser, b.n, m.seed, m.value
+       r.sections_hash AS evaluation, b.benchmark, b.position, b.headline, b.normaliser, b.n, m.seed, m.value
 FROM runs r
 JOIN benchmarks b ON b.run_id = r.run_id
 JOIN metrics m ON m.run_id = b.run_id AND m.benchmark = b.benchmark AND m.metric = b.headline
 WHERE r.phase = 'eval' AND r.run_id IN (SELECT run_id FROM wanted)
 """
-# The latest eval run per model label, among all runs or those of one spec (hash).
-LATEST_SQL = """
+# A report row is a label's model (lineage: the model artifact's hash) under one evaluation setting (the eval
+# sub-spec's hash). The latest eval run of every row, among all runs or those of one spec (hash), oldest first.
+LINEAGE = "coalesce(model_sections_hash, model_sha256, run_id)"
+LATEST_SQL = f"""
 SELECT run_id FROM runs WHERE phase = 'eval' AND (? IS NULL OR spec_hash = ?)
-QUALIFY row_number() OVER (PARTITION BY model ORDER BY finished DESC NULLS LAST, run_id) = 1
+QUALIFY row_number() OVER (PARTITION BY model, {LINEAGE}, sections_hash ORDER BY finished DESC NULLS LAST, run_id) = 1
+ORDER BY finished NULLS FIRST, run_id
+"""
+ROWS_SQL = f"""
+SELECT run_id, model, {LINEAGE} AS lineage, sections_hash AS evaluation, spec_name, shard, finished
+FROM runs WHERE phase = 'eval' AND run_id IN (SELECT run_id FROM wanted)
+ORDER BY finished NULLS FIRST, run_id
 """
 # Every metric of the wanted eval runs, mean over seeds.
 MEANS_SQL = """
@@ -96,15 +107,26 @@ def query_runs(con, query: str, run_ids: list[str]) -> pl.DataFrame:
         con.unregister("wanted")
 
 
-def headline_values(con, run_ids: list[str]) -> pl.DataFrame:
-    """The headline rows of `run_ids`, keeping the latest run per model label (the others are noted)."""
-    values = query_runs(con, HEADLINE_SQL, run_ids)
-    runs = values.select("model", "run_id", "finished").unique().sort("finished", "run_id", nulls_last=False)
-    latest = runs.group_by("model").agg(pl.col("run_id").last())
-    dropped = runs.join(latest, on=["model", "run_id"], how="anti")
-    for model, run_id in dropped.select("model", "run_id").iter_rows():
-        note(f"{model}: run {run_id} is older than another current run of that label; not in the table")
-    return values.join(latest, on=["model", "run_id"], how="semi")
+def row_groups(con, run_ids: list[str]) -> list[list[str]]:
+    """The run of every report row, grouped by evaluation setting: the main setting (most rows; a tie: the one
+    listed first) first. A row is (label, model lineage, evaluation setting); of its runs the latest is kept.
+    Under one setting a label names one model: two from different specs are refused, an older one of the same spec
+    (the spec was edited since) is left out with a note."""
+    groups: dict[str, dict[str, dict]] = {}  # evaluation -> label -> its row's run
+    for run in query_runs(con, ROWS_SQL, run_ids).iter_rows(named=True):  # oldest first: the latest wins
+        rows = groups.setdefault(run["evaluation"], {})
+        other = rows.get(run["model"])
+        if other is not None and other["spec_name"] != run["spec_name"]:
+            raise LedgerError(f"two models labelled {run['model']!r} under one evaluation: spec "
+                              f"{other['spec_name']} ({other['shard']}) and spec {run['spec_name']} ({run['shard']}); "
+                              "give each its own label")
+        if other is not None:
+            note(f"{run['model']}: run {other['run_id']} is older than another current run of that label and "
+                 "evaluation; not in the table")
+        rows[run["model"]] = run
+    listed = {run_id: i for i, run_id in reversed(list(enumerate(run_ids)))}
+    order = sorted(groups.values(), key=lambda rows: (-len(rows), min(listed[r["run_id"]] for r in rows.values())))
+    return [[run["run_id"] for run in rows.values()] for rows in order]
 
 
 def _cell(benchmark: str, group: pl.DataFrame) -> tuple[Design, np.ndarray] | None:
@@ -254,19 +276,28 @@ def spec_labels(pattern: str) -> list[str]:
     return [load_spec(p).label for p in paths]
 
 
-def load_runs(con, run_ids: list[str]) -> Results:
-    """Results of the given eval runs (the latest per label among them) from an open ledger connection."""
-    values = headline_values(con, run_ids)
-    kept = values["run_id"].unique().to_list()
-    means = query_runs(con, MEANS_SQL, kept)
+def results_of(con, run_ids: list[str]) -> Results:
+    """Results of eval runs of one evaluation setting, one run per label (a group of row_groups)."""
+    values = query_runs(con, HEADLINE_SQL, run_ids)
+    means = query_runs(con, MEANS_SQL, run_ids)
     has_samples = con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'samples'")
-    samples = query_runs(con, SAMPLES_SQL, kept) if has_samples.fetchall()[0][0] else None
+    samples = query_runs(con, SAMPLES_SQL, run_ids) if has_samples.fetchall()[0][0] else None
     estimates = sample_estimates(samples, means) if samples is not None and samples.height else {}
     return Results(values, means, estimates)
 
 
+def load_groups(con, run_ids: list[str]) -> list[Results]:
+    """Results per evaluation setting of the given eval runs, the main setting first (row_groups)."""
+    return [results_of(con, group) for group in row_groups(con, run_ids)] or [results_of(con, [])]
+
+
+def load_runs(con, run_ids: list[str]) -> Results:
+    """Results of the main evaluation setting's rows among the given eval runs: what the main table and claims use."""
+    return load_groups(con, run_ids)[0]
+
+
 def current_run_ids(con, shards: list | None = None, db: str | Path = DEFAULT_DB, spec_hash: str | None = None):
-    """The eval runs of `shards` (each must be in the ledger), else the latest eval run of every label."""
+    """The eval runs of `shards` (each must be in the ledger), else the latest eval run of every row."""
     if not shards:
         return [r[0] for r in con.execute(LATEST_SQL, [spec_hash, spec_hash]).fetchall()]
     run_of = {shard_run_id(s): Path(s) for s in shards}

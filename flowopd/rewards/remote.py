@@ -7,31 +7,47 @@ plain JSON instead. A server (or a thin adapter in front of Flow-GRPO's reward-s
     {"images":   ["<base64 PNG>", ...],           # N lossless RGB images
      "prompts":  ["a photo of a cat", ...],       # N prompt texts
      "metadata": [{"tag": "single_object", ...}]}  # N objects: the prompt files' metadata (GenEval's include ...)
-    -> 200 {"score": [N numbers], "strict": [N numbers], ...}   # every key of the task's `remote.metrics`
+    -> 200 application/json {"score": [N numbers], "strict": [N numbers], ...}   # every key of `remote.metrics`
 
-Each batch of `batch_size` images is one request. A request that fails (connection refused or reset, no answer
-within `timeout` seconds, HTTP 5xx or 429) is retried `retries` times, waiting `backoff` seconds and doubling the
-wait each time; after the last attempt a RemoteRewardError names the server and the last error. A 4xx answer or a
-reply that breaks the protocol is not retried (sending it again cannot help). Stdlib only (urllib).
+Each batch of `batch_size` images is one request. The client does not trust the server:
+- one deadline of `timeout` seconds covers a whole request (connect, TLS, send, read), however slowly the server
+  trickles;
+- redirects are never followed (a POST's images would be dropped or sent elsewhere): a 3xx is an error;
+- an answer over MAX_ANSWER_BYTES is refused (Content-Length first, else the read stops at the cap);
+- scores are strict: a JSON list of exactly N finite numbers per metric (not strings, booleans or null), no
+  duplicate keys.
+A request that fails in transit (connection refused or reset, deadline passed, HTTP 5xx or 429) is retried `retries`
+times, waiting `backoff` seconds and doubling the wait each time, so a batch takes at most
+(retries + 1) * timeout + backoff * (2**retries - 1) seconds. Every failure is a RemoteRewardError naming the server,
+the status and what was wrong (never the answer's body); a 3xx/4xx or a reply that breaks the protocol is not
+retried (sending it again cannot help). Stdlib only (http.client: no redirects, no proxies).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import io
 import json
+import socket
+import ssl
+import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 
 import numpy as np
 
 RETRY_STATUS = (429, 500, 502, 503, 504)
+MAX_ANSWER_BYTES = 8 * 2**20  # a batch's scores take a few KB; anything near this is not an answer
 
 
 class RemoteRewardError(RuntimeError):
     """The reward server could not be reached, or answered outside the protocol."""
+
+
+class _Transient(Exception):
+    """A failure in transit, worth another attempt."""
 
 
 def png_base64(image: np.ndarray) -> str:
@@ -49,6 +65,41 @@ def decode_png_base64(text: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(text))).convert("RGB"))
 
 
+def short(text, limit: int = 80) -> str:
+    """Server-chosen text for an error message: printable characters only (no terminal control codes), cut."""
+    text = "".join(c if c.isprintable() else "?" for c in str(text)[: limit + 1])
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+@contextlib.contextmanager
+def watchdog(sock: socket.socket, seconds: float):
+    """Shut the socket down after `seconds`: a socket's own timeout restarts with every byte, so a server that
+    trickles one byte at a time would never meet it."""
+
+    def hang_up():
+        try:
+            twin.shutdown(socket.SHUT_RDWR)  # wakes a blocked send, recv or handshake
+        except OSError:
+            pass
+
+    twin = sock.dup()  # the same connection, still reachable once TLS has wrapped `sock`
+    timer = threading.Timer(max(seconds, 0.0), hang_up)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        twin.close()
+
+
+def unique_keys(pairs: list[tuple]) -> dict:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError("duplicate keys in an object")
+    return dict(pairs)
+
+
 class RemoteReward:
     """reward(images (N,H,W,3) uint8, prompts) -> {metric: (N,) float64} for every metric of settings.metrics.
 
@@ -56,10 +107,22 @@ class RemoteReward:
     """
 
     name = "remote"
+    max_answer_bytes = MAX_ANSWER_BYTES
 
     def __init__(self, settings, sleep=time.sleep):
         self.settings = settings
         self.sleep = sleep  # injectable so tests need not wait
+        parts = urllib.parse.urlsplit(settings.url)
+        self.where = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()  # no credentials in errors
+        try:
+            self.host, self.port = parts.hostname, parts.port
+        except ValueError as err:
+            raise RemoteRewardError(f"reward server {self.where}: bad url ({err})") from None
+        if parts.scheme not in ("http", "https") or not self.host:
+            raise RemoteRewardError(f"reward server {self.where}: url must be http(s)://host[:port]/path")
+        self.tls = ssl.create_default_context() if parts.scheme == "https" else None  # verifies certificates
+        self.port = self.port or (443 if self.tls else 80)
+        self.path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
 
     def __call__(self, images: np.ndarray, prompts) -> dict[str, np.ndarray]:
         images = np.asarray(images)
@@ -79,50 +142,102 @@ class RemoteReward:
                 out[key].append(values)
         return {key: np.concatenate(parts) if parts else np.zeros(0) for key, parts in out.items()}
 
+    def fail(self, what: str) -> RemoteRewardError:
+        return RemoteRewardError(f"reward server {self.where}: {what}")
+
     # -- transport -------------------------------------------------------------------------------------------
     def _post(self, body: bytes) -> bytes:
         s = self.settings
         attempts, wait = s.retries + 1, s.backoff
         for attempt in range(1, attempts + 1):
-            request = urllib.request.Request(s.url, data=body, method="POST",
-                                             headers={"Content-Type": "application/json"})
             try:
-                with urllib.request.urlopen(request, timeout=s.timeout) as response:
-                    return response.read()
-            except urllib.error.HTTPError as err:
-                if err.code not in RETRY_STATUS:
-                    detail = err.read()[:200].decode("utf-8", "replace")
-                    raise RemoteRewardError(f"reward server {s.url}: HTTP {err.code} {err.reason}: {detail}") from None
-                error = f"HTTP {err.code} {err.reason}"
-            except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as err:
-                reason = getattr(err, "reason", err)
-                error = f"timed out after {s.timeout:g} s" if isinstance(reason, TimeoutError) else repr(reason)
+                return self._attempt(body)
+            except _Transient as err:
+                error = str(err)
             if attempt < attempts:
                 self.sleep(wait)
                 wait *= 2
-        raise RemoteRewardError(f"reward server {s.url}: {attempts} attempts failed; last: {error}")
+        raise self.fail(f"{attempts} attempts failed; last: {error}")
 
-    def _check(self, answer: bytes, n: int) -> dict[str, np.ndarray]:
-        url = self.settings.url
+    def _attempt(self, body: bytes) -> bytes:
+        """One POST under one deadline of `timeout` seconds for connect, TLS handshake, send and read together."""
+        timeout = self.settings.timeout
+        started = time.monotonic()
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
         try:
-            data = json.loads(answer)
-        except ValueError:
-            raise RemoteRewardError(f"reward server {url}: answer is not JSON: {answer[:80]!r}") from None
+            with socket.create_connection((self.host, self.port), timeout) as sock, \
+                    watchdog(sock, started + timeout - time.monotonic()):
+                conn.sock = self.tls.wrap_socket(sock, server_hostname=self.host) if self.tls else sock
+                conn.request("POST", self.path, body, {"Content-Type": "application/json",
+                                                       "Accept": "application/json", "Connection": "close"})
+                with conn.getresponse() as response:
+                    answer = self._read(response)
+                if time.monotonic() - started >= timeout:  # the watchdog hung up: a body read to its end may be cut
+                    raise TimeoutError
+        except (OSError, http.client.HTTPException, RemoteRewardError) as err:
+            if isinstance(err, TimeoutError) or time.monotonic() - started >= timeout:  # headers may be cut too
+                raise _Transient(f"timed out after {timeout:g} s") from None
+            if isinstance(err, RemoteRewardError):
+                raise
+            raise _Transient(f"{type(err).__name__}: {short(err)}") from None
+        finally:
+            conn.close()
+        return answer
+
+    def _read(self, response: http.client.HTTPResponse) -> bytes:
+        status = f"HTTP {response.status} {short(response.reason, 40)}"
+        if 300 <= response.status < 400:
+            location = response.getheader("Location", "")
+            raise self.fail(f"{status} to '{short(location)}' refused: a POST is never redirected")
+        if response.status in RETRY_STATUS:
+            raise _Transient(status)
+        length, cap = response.getheader("Content-Length", ""), self.max_answer_bytes
+        if length.strip().isdigit() and int(length) > cap:
+            raise self.fail(f"{status}: answer of {int(length)} bytes is over the {cap}-byte cap")
+        answer = response.read(cap + 1)
+        if len(answer) > cap:
+            raise self.fail(f"{status}: answer is over the {cap}-byte cap")
+        kind = response.headers.get_content_type()
+        if response.status != 200:
+            raise self.fail(f"{status}{self._detail(answer, kind)}")
+        if kind != "application/json":
+            raise self.fail(f"{status}: answer is {kind}, not application/json")
+        return answer
+
+    @staticmethod
+    def _detail(answer: bytes, kind: str) -> str:
+        """The `error` a JSON error reply gives, shortened; for anything else (an HTML page) only its size."""
+        try:
+            data = json.loads(answer) if kind == "application/json" else None
+        except (ValueError, RecursionError):
+            data = None
+        if isinstance(data, dict) and isinstance(data.get("error"), str):
+            return f": {short(data['error'])}"
+        return f" ({kind}, {len(answer)} bytes)"
+
+    # -- protocol --------------------------------------------------------------------------------------------
+    def _check(self, answer: bytes, n: int) -> dict[str, np.ndarray]:
+        try:  # JSON integers become floats (huge ones inf, caught below); strings and booleans stay what they are
+            data = json.loads(answer, parse_int=float, object_pairs_hook=unique_keys)
+        except (ValueError, RecursionError) as err:
+            raise self.fail(f"answer is not valid JSON ({type(err).__name__}: {short(err)})") from None
         if not isinstance(data, dict):
-            raise RemoteRewardError(f"reward server {url}: answer is a {type(data).__name__}, not a JSON object")
+            raise self.fail(f"answer is a {type(data).__name__}, not a JSON object")
         missing = [k for k in self.settings.metrics if k not in data]
         if missing:
-            raise RemoteRewardError(f"reward server {url}: answer lacks metrics {missing} (has {sorted(data)})")
+            raise self.fail(f"answer lacks metrics {missing} (has {len(data)} keys)")
         out = {}
         for key in self.settings.metrics:
-            try:
-                values = np.asarray(data[key], dtype=np.float64)
-            except (TypeError, ValueError):
-                raise RemoteRewardError(f"reward server {url}: metric {key!r} is not a list of numbers") from None
-            if values.shape != (n,):
-                raise RemoteRewardError(f"reward server {url}: metric {key!r} has shape {values.shape}, "
-                                        f"expected ({n},)")
+            values = data[key]
+            if not isinstance(values, list):
+                raise self.fail(f"metric {key!r} is a {type(values).__name__}, not a list of numbers")
+            if len(values) != n:
+                raise self.fail(f"metric {key!r} has shape ({len(values)},), expected ({n},)")
+            wrong = [v for v in values if type(v) is not float]
+            if wrong:
+                raise self.fail(f"metric {key!r} holds a {type(wrong[0]).__name__}, not a number")
+            values = np.asarray(values, dtype=np.float64)
             if not np.isfinite(values).all():
-                raise RemoteRewardError(f"reward server {url}: metric {key!r} has non-finite values")
+                raise self.fail(f"metric {key!r} has non-finite values")
             out[key] = values
         return out

@@ -1,6 +1,7 @@
 """Run records: what varies from one run of a stage to the next, kept beside its output folder, never inside.
 
-`<folder>.run.json` (a DVC output without cache that no stage depends on) holds the spec file the stage ran from
+`<folder>.run.json` (a persistent DVC output without cache that no stage depends on: DVC leaves the previous one
+in place while the stage runs, and the stage replaces it only when it succeeds) holds the spec file the stage ran from
 (name, label, whole-spec hash), start and finish times, seconds, the process's start-up seconds (to the phase's
 clock; and to the end of torch's and the model library's import), process count, host, git revision and dirty flag,
 package versions, device, and the training curve's timing columns. The ledger reads it beside every folder it

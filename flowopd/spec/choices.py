@@ -13,6 +13,7 @@ DTYPES = ("fp32", "fp16", "bf16")
 # sampler
 SDE_KINDS = ("flow", "cps")  # Flow-GRPO's SDE, coefficients-preserving sampling (docs/method.md)
 LOGPROB_REDUCTIONS = ("mean", "sum")  # how a step's Gaussian log-density reduces over elements
+KL_FORMS = ("step", "flow_grpo")  # the exact step KL, or Flow-GRPO's D = KL (s - s') (docs/method.md)
 
 # prompts and rewards
 PROMPT_FILE_FORMATS = ("lines", "geneval_jsonl")

@@ -15,6 +15,7 @@ from flowopd.spec.fields import (
     PositiveInt,
     Probability,
     Section,
+    SpecPath,
     TinyTask,
 )
 
@@ -53,12 +54,16 @@ class SD3Model(Section):
     """Stable Diffusion 3(.5) from a local folder or a hub id."""
 
     kind: Literal["sd3"]
-    pretrained: Annotated[str, Field(min_length=1)]
+    pretrained: SpecPath
     revision: str | None = None
     resolution: PositiveInt = 512
     dtype: Literal[C.DTYPES] = "bf16"
     lora: LoraSettings | None = Field(default_factory=LoraSettings)
     """Adapter every training phase uses unless the phase sets its own `lora`; null: train all weights."""
+    max_sequence_length: Annotated[int, Field(ge=1, le=512)] = 256
+    """T5 tokens per prompt (diffusers' default 256; Flow-GRPO and its released LoRAs: 128)."""
+    vae_dtype: Literal[C.DTYPES] | None = None
+    """The VAE's precision; null: the model's `dtype` (Flow-GRPO and diffusers' LoRA scripts decode in fp32)."""
 
     @field_validator("resolution")
     @classmethod
@@ -136,6 +141,13 @@ class SamplerSettings(Section):
     at its scheduled noise level, no noise on the last step; noise_level = eta in (0, 1])."""
     sde_window: tuple[NonNegInt, PositiveInt] | None = None
     """[start, end): only these steps draw noise (and are trained, GRPO); the others are the ODE (Flow-GRPO-Fast)."""
+    kl_form: Literal[C.KL_FORMS] = "step"
+    """The KL terms (GRPO's beta KL to the reference, OPD's MAR): "step", the exact KL between the two Gaussian steps,
+    or "flow_grpo", Flow-GRPO's ||mu - mu_ref||^2 / (2 sd(s)^2) = KL (s - s'), 3.7-25x weaker at the same beta on a
+    10-step shift-3 grid (docs/method.md#teachers-flow-grpo)."""
+    uncond_grad: bool = True
+    """Training differentiates through the unconditional CFG branch too; false: it is detached, as in Flow-GRPO's SD3
+    training (the shared unconditional model then moves only through what every prompt shares)."""
 
     @model_validator(mode="after")
     def _sde_options(self):

@@ -11,6 +11,7 @@ from typing import Annotated, Literal, Union
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
+from flowopd.spec.fields import INT_MAX
 from flowopd.spec.schema import Spec
 
 CONSTRAINTS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<=", "min_length": "length >=", "pattern": "matches"}
@@ -25,7 +26,7 @@ def _constraints(metadata) -> str:
     for item in metadata:
         for key, sign in CONSTRAINTS.items():
             value = getattr(item, key, None)
-            if value is not None:
+            if value is not None and not (key == "le" and value == INT_MAX):  # every int's bound (docs/specs.md)
                 found.append(f"{sign} `{value}`" if key == "pattern" else f"{sign} {value}")
     return f" ({', '.join(found)})" if found else ""
 

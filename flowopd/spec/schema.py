@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from flowopd.spec import choices as C
@@ -12,9 +12,11 @@ from flowopd.spec.errors import dotted
 from flowopd.spec.extends import deep_merge
 from flowopd.spec.fields import (
     DISCRIMINATORS,
+    RESERVED_LABELS,
+    Label,
     Name,
-    NonNegInt,
     Section,
+    Seed,
 )
 from flowopd.spec.hashing import canonical_hash
 from flowopd.spec.model import BaseTraining, Model, SamplerSettings, SD3Model, TinyModel
@@ -33,11 +35,12 @@ from flowopd.spec.training import (
 class Spec(Section):
     """A whole Flow-OPD experiment: world, model, base, tasks, teachers, baseline, cold start, OPD, eval."""
 
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
-    label: str | None = None
-    """Row label in the report (e.g. "flow_opd:no_mar"); absent: the name."""
-    description: str = ""
-    seed: NonNegInt = 0
+    name: Annotated[str, Field(max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+    label: Label | None = None
+    """Row label in the report (e.g. "flow_opd:no_mar"); absent: the name. Letters, digits, spaces and
+    `_ . : ( ) + , = @ -`: it is a command-line argument of the eval stage."""
+    description: Annotated[str, Field(max_length=2000)] = ""
+    seed: Seed = 0
     world: World = Field(default_factory=World)
     model: Model = Field(default_factory=lambda: TinyModel(kind="tiny"))
     base: BaseTraining = Field(default_factory=BaseTraining)
@@ -98,6 +101,14 @@ class Spec(Section):
             data["cold_start"] = inherit(data["cold_start"])
         data["opd"] = inherit(data.get("opd", {}))
         return data
+
+    @field_validator("label")
+    @classmethod
+    def _not_a_shared_row(cls, value):
+        """The base, teacher and mixed-baseline rows have fixed labels; a spec's own row must not take one."""
+        if value in RESERVED_LABELS or (value or "").startswith("teacher:"):
+            raise ValueError(f"{value!r} is the label of a model every spec trains (base, mixed_grpo, teacher:*)")
+        return value
 
     @model_validator(mode="after")
     def _cross_field_checks(self):

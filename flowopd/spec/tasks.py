@@ -14,8 +14,11 @@ from flowopd.spec.fields import (
     PositiveFloat,
     PositiveInt,
     Section,
+    Seed,
+    SpecPath,
     TinyTask,
     unique,
+    without_memory_defaults,
 )
 from flowopd.spec.model import SamplerSettings
 
@@ -50,8 +53,8 @@ class FilePrompts(Section):
     """Prompts read from files (paths relative to the repository root)."""
 
     kind: Literal["file"]
-    train: Annotated[str, Field(min_length=1)]
-    test: Annotated[str, Field(min_length=1)]
+    train: SpecPath
+    test: SpecPath
     format: Literal[C.PROMPT_FILE_FORMATS] = "lines"
 
 
@@ -74,9 +77,9 @@ class PickScoreSettings(Section):
     """PickScore (Kirstain et al. 2023): a CLIP fine-tuned on Pick-a-Pic human preferences;
     score = logit_scale * cos(image embedding, text embedding); SD3.5-M scores about 21.6 (the paper divides by 26)."""
 
-    model: Annotated[str, Field(min_length=1)]
+    model: SpecPath
     """Folder of the transformers CLIPModel (yuvalkirstain/PickScore_v1 downloaded), or a hub id when online."""
-    processor: Annotated[str, Field(min_length=1)] | None = None
+    processor: SpecPath | None = None
     """Folder of its CLIPProcessor (laion/CLIP-ViT-H-14-laion2B-s32B-b79K); null: the model folder."""
     batch_size: PositiveInt = 32
     dtype: Literal[C.DTYPES] = "fp32"
@@ -160,11 +163,21 @@ class Evaluation(Section):
 
     benchmarks: tuple[Name, ...] | None = None
     """Tasks to evaluate, in report order; null or absent: all tasks, by name."""
-    seeds: Annotated[tuple[NonNegInt, ...], Field(min_length=1)] = (0, 1, 2)
+    seeds: Annotated[tuple[Seed, ...], Field(min_length=1)] = (0, 1, 2)
     sampler: SamplerSettings = Field(default_factory=lambda: SamplerSettings(steps=20, noise_level=0.0))
     n_prompts: PositiveInt | None = None
     """Prompts per benchmark; null: the task's whole test set."""
     grid_size: PositiveInt = 16
     """Images per sample grid in the report."""
+    # -- memory: how a batch is computed, not what (docs/gpu.md#micro-batches)
+    micro_batch: PositiveInt | None = None
+    """Prompts per transformer forward within a sampling call (CFG doubles the rows); null or larger than the call
+    (tiny: 64 prompts, sd3: 8): the whole call. The noise is drawn per call, so the images do not depend on it."""
+    decode_batch: PositiveInt | None = None
+    """Images per VAE decode; null or larger than a sampling call: the whole call."""
 
     _check_unique = field_validator("benchmarks", "seeds")(unique)
+
+    @model_serializer(mode="wrap")
+    def _omit_default_memory_settings(self, handler):
+        return without_memory_defaults(handler(self))

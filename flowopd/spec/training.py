@@ -9,6 +9,7 @@ from pydantic import Field, field_validator, model_serializer, model_validator
 
 from flowopd.spec import choices as C
 from flowopd.spec.fields import (
+    INT_MAX,
     Bool,
     Decay,
     Fraction,
@@ -18,6 +19,8 @@ from flowopd.spec.fields import (
     PositiveFloat,
     PositiveInt,
     Section,
+    micro_batch_problem,
+    without_memory_defaults,
 )
 from flowopd.spec.model import LoraSettings, SamplerSettings
 
@@ -32,7 +35,7 @@ class EmaSettings(Section):
 class GRPOSettings(Section):
     """Flow-GRPO: group-relative advantages, PPO-clip, KL to the frozen base (docs/method.md#teachers-flow-grpo)."""
 
-    group_size: Annotated[int, Field(strict=True, ge=2)] = 8
+    group_size: Annotated[int, Field(strict=True, ge=2, le=INT_MAX)] = 8
     prompts_per_step: PositiveInt = 4
     steps: PositiveInt = 150
     lr: PositiveFloat = 3e-4
@@ -53,6 +56,16 @@ class GRPOSettings(Section):
     lora: LoraSettings | None = None
     """Adapter to train; null: the model's lora (sd3) or all weights (tiny)."""
     checkpoint_every: PositiveInt = 50
+    # -- memory: how a step's batch is computed, not what (docs/gpu.md#micro-batches)
+    micro_batch: PositiveInt | None = None
+    """Samples per transformer forward, in the rollout and in the update (gradients accumulate over them; CFG
+    doubles the rows); null: this process's whole share. One split for both, so the first epoch's PPO ratio is 1."""
+    decode_batch: PositiveInt | None = None
+    """Images per VAE decode of a rollout; null: the whole share at once."""
+    reward_batch: PositiveInt | None = None
+    """Images per reward call; null: each task's images of the step at once."""
+    gradient_checkpointing: Bool = False
+    """Recompute the transformer's activations in the backward pass: far less memory, about a third more compute."""
 
     @model_validator(mode="after")
     def _sde_rollouts(self):
@@ -61,6 +74,17 @@ class GRPOSettings(Section):
         if self.sampler.steps < 2:
             raise ValueError("GRPO needs sampler.steps >= 2 (the last step, to sigma 0, is never trained)")
         return self
+
+    @model_validator(mode="after")
+    def _micro_batches_fit(self):
+        problem = micro_batch_problem(self, self.prompts_per_step * self.group_size)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_default_memory_settings(self, handler):
+        return without_memory_defaults(handler(self))
 
 
 class GRPOMethod(GRPOSettings):
@@ -73,7 +97,7 @@ class NFTMethod(Section):
     """DiffusionNFT (flowopd/methods/nft.py): flow matching on the policy's own samples, good ones against bad ones."""
 
     kind: Literal["nft"]
-    group_size: Annotated[int, Field(strict=True, ge=2)] = 8
+    group_size: Annotated[int, Field(strict=True, ge=2, le=INT_MAX)] = 8
     prompts_per_step: PositiveInt = 4
     steps: PositiveInt = 100
     lr: PositiveFloat = 1e-4
@@ -100,6 +124,16 @@ class NFTMethod(Section):
     lora: LoraSettings | None = None
     """Adapter to train; null: the model's lora (sd3) or all weights (tiny)."""
     checkpoint_every: PositiveInt = 50
+    # -- memory: how a step's batch is computed, not what (docs/gpu.md#micro-batches)
+    micro_batch: PositiveInt | None = None
+    """Samples per transformer forward, in the rollout and in the update (gradients accumulate over them; the
+    guided velocity's two branches are separate forwards); null: this process's whole share."""
+    decode_batch: PositiveInt | None = None
+    """Images per VAE decode of a rollout; null: the whole share at once."""
+    reward_batch: PositiveInt | None = None
+    """Images per reward call; null: each task's images of the step at once."""
+    gradient_checkpointing: Bool = False
+    """Recompute the transformer's activations in the backward pass: far less memory, about a third more compute."""
 
     @field_validator("sampler")
     @classmethod
@@ -108,6 +142,17 @@ class NFTMethod(Section):
             raise ValueError("nft trains on the rollouts' final samples, not on their steps: an sde_window (a GRPO "
                              "option) does nothing here; remove it")
         return value
+
+    @model_validator(mode="after")
+    def _micro_batches_fit(self):
+        problem = micro_batch_problem(self, self.prompts_per_step * self.group_size)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_default_memory_settings(self, handler):
+        return without_memory_defaults(handler(self))
 
 
 TeacherMethod = Annotated[GRPOMethod | NFTMethod, Field(discriminator="kind")]
@@ -196,6 +241,27 @@ class SFTColdStart(Section):
     """Keep only each prompt's best-reward sample."""
     sampler: SamplerSettings = Field(default_factory=SamplerSettings)
     lora: LoraSettings | None = None
+    # -- memory: how a batch is computed, not what (docs/gpu.md#micro-batches)
+    micro_batch: PositiveInt | None = None
+    """Rows per transformer forward, in the teachers' sampling and in each fitting batch (gradients accumulate),
+    and prompts per text-encoder call; null: the whole sampling call, batch or prompt list."""
+    decode_batch: PositiveInt | None = None
+    """Images per VAE decode of the best-of-group scoring; null: the process's share at once."""
+    reward_batch: PositiveInt | None = None
+    """Images per reward call of the best-of-group scoring; null: each task's images at once."""
+    gradient_checkpointing: Bool = False
+    """Recompute the transformer's activations in the backward pass: far less memory, about a third more compute."""
+
+    @model_validator(mode="after")
+    def _micro_batches_fit(self):
+        problem = micro_batch_problem(self, self.batch_size, "batch_size", names=("micro_batch",))
+        if problem:
+            raise ValueError(problem)
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_default_memory_settings(self, handler):
+        return without_memory_defaults(handler(self))
 
 
 class NoColdStart(Section):
@@ -257,6 +323,20 @@ class OPDSettings(Section):
     ema: EmaSettings | None = Field(default_factory=EmaSettings)
     lora: LoraSettings | None = None
     checkpoint_every: PositiveInt = 50
+    # -- memory: how a step's batch is computed, not what (docs/gpu.md#micro-batches)
+    micro_batch: PositiveInt | None = None
+    """Samples per forward, in the rollout, the teachers' and the anchor's targets and the update (gradients
+    accumulate over them; CFG doubles the rows); null: this process's whole share. One split for the rollout and
+    the update, so the first epoch's PPO ratio is 1."""
+    gradient_checkpointing: Bool = False
+    """Recompute the transformer's activations in the backward pass: far less memory, about a third more compute."""
+
+    @model_validator(mode="after")
+    def _micro_batches_fit(self):
+        problem = micro_batch_problem(self, self.prompts_per_step * self.group_size, names=("micro_batch",))
+        if problem:
+            raise ValueError(problem)
+        return self
 
     @model_validator(mode="after")
     def _element_credit_has_no_reward_to_go(self):
@@ -289,8 +369,9 @@ class OPDSettings(Section):
 
     @model_serializer(mode="wrap")
     def _omit_absent_query(self, handler):
-        """An unset query is left out of the dump, so specs written before it existed keep their hash."""
-        data = handler(self)
+        """An unset query (and memory settings at their defaults) are left out of the dump, so specs written before
+        they existed keep their hash."""
+        data = without_memory_defaults(handler(self))
         return {k: v for k, v in data.items() if not (k == "query" and v is None)}
 
 

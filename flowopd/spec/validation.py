@@ -94,7 +94,8 @@ def _message(err: dict) -> str:
     message = err["msg"]
     value = err.get("input")
     if isinstance(value, str | int | float | bool):
-        message += f" (got {value!r})"
+        shown = repr(value)
+        message += f" (got {shown if len(shown) <= 80 else shown[:76] + '...'})"
     return message
 
 
@@ -123,9 +124,10 @@ def _validate(data: dict, origins: Origins) -> Spec:
         raise SpecError(_problems_from(err, data, origins)) from None
 
 
-def load_spec(path: str | os.PathLike) -> Spec:
-    """Read, resolve `extends`, validate. Raises SpecError (one line per problem) on any bad input."""
-    data, origins = resolve(path)
+def load_spec(path: str | os.PathLike, root: str | os.PathLike | None = None) -> Spec:
+    """Read, resolve `extends` (inside the repository `root`, default the working directory), validate. Raises
+    SpecError (one line per problem) on any bad input."""
+    data, origins = resolve(path, root)
     return _validate(data, origins)
 
 

@@ -23,11 +23,9 @@ def ppo_clip_loss(log_prob, old_log_prob, advantages, clip_eps: float):
 
 
 # ---------------------------------------------------------------- SFT on teacher samples
-def flow_matching_loss(bundle, x0: Tensor, cond: Condition, generator: torch.Generator,
-                       time_sampling: str = "logit_normal", rows: slice | None = None) -> Tensor:
-    """|| v_theta(x_s, s, c) - (e - x0) ||^2 averaged, x_s = (1 - s) x0 + s e, s ~ logit-normal(0, 1) or uniform
-    (the base's pretraining loss, flowopd.methods.pretrain). `rows`: this process's share of the batch: the noise and times
-    are drawn for the whole batch, the loss is the share's part of the whole batch's mean."""
+def flow_matching_draws(x0: Tensor, generator: torch.Generator,
+                        time_sampling: str = "logit_normal") -> tuple[Tensor, Tensor]:
+    """(noise e, times s) of a whole batch: e ~ N(0, I) like x0, s ~ logit-normal(0, 1) or uniform, one per row."""
     batch = x0.shape[0]
     noise = torch.randn(x0.shape, generator=generator).to(x0)
     if time_sampling == "logit_normal":
@@ -36,7 +34,15 @@ def flow_matching_loss(bundle, x0: Tensor, cond: Condition, generator: torch.Gen
         sigma = torch.rand(batch, generator=generator)
     else:
         raise ValueError(f"time_sampling must be 'logit_normal' or 'uniform', got {time_sampling!r}")
-    sigma = sigma.to(x0.device)
+    return noise, sigma.to(x0.device)
+
+
+def flow_matching_loss(bundle, x0: Tensor, cond: Condition, noise: Tensor, sigma: Tensor,
+                       rows: slice | None = None) -> Tensor:
+    """|| v_theta(x_s, s, c) - (e - x0) ||^2 averaged, x_s = (1 - s) x0 + s e (the base's pretraining loss,
+    flowopd.methods.pretrain), with the batch's draws (flow_matching_draws). `rows`: a share of the batch (a
+    process's, a micro-batch of it): the share's part of the whole batch's mean, so the shares' gradients add up."""
+    batch = x0.shape[0]
     if rows is not None:
         x0, noise, sigma, cond = x0[rows], noise[rows], sigma[rows], cond.index(rows)
     s = sigma.view(-1, *[1] * (x0.ndim - 1))

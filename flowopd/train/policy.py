@@ -59,6 +59,14 @@ def prepare_policy(bundle, lora=None) -> dict[str, torch.nn.Parameter]:
     return params
 
 
+def enable_gradient_checkpointing(transformer) -> None:
+    """diffusers' activation checkpointing: each block's activations are recomputed in the backward pass, so a
+    forward with gradients holds about one block's instead of every block's."""
+    if not hasattr(transformer, "enable_gradient_checkpointing"):
+        raise ValueError(f"gradient_checkpointing: {type(transformer).__name__} does not support it")
+    transformer.enable_gradient_checkpointing()
+
+
 @contextlib.contextmanager
 def adapters_off(transformer: torch.nn.Module):
     """Run the bare base model; peft's switch also flips requires_grad, so each parameter's flag is restored."""

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from flowopd.flow.sampler import Trajectory, sample
-from flowopd.models.bundle import Condition
+from flowopd.models.bundle import Condition, micro_batched_decode, micro_batched_scores
 from flowopd.runtime.processes import Processes
 from flowopd.train.streams import NOISE_STREAM, PROMPT_STREAM, step_generator, step_rng
 
@@ -36,9 +36,11 @@ class Rollout:
 
 
 def draw_rollout(bundle, prompts: list, prompt_tasks: np.ndarray, sampler, prompts_per_step: int, group_size: int,
-                 seed: int, step: int, processes: Processes, decode: bool = True, transformer=None) -> Rollout:
+                 seed: int, step: int, processes: Processes, decode: bool = True, transformer=None,
+                 micro_batch: int | None = None, decode_batch: int | None = None) -> Rollout:
     """Step `step`'s rollout of `bundle` (no grad, eval mode); `decode`: also the images the rewards score;
-    `transformer`: sample another copy of the transformer than the bundle's (NFT's sampling policy)."""
+    `transformer`: sample another copy of the transformer than the bundle's (NFT's sampling policy).
+    micro_batch / decode_batch: samples per transformer forward / per VAE decode (None: this process's share)."""
     rng = step_rng(seed, PROMPT_STREAM, step)
     chosen = rng.choice(len(prompts), size=prompts_per_step, replace=prompts_per_step > len(prompts))
     cond = bundle.encode([prompts[i].text for i in chosen]).repeat_interleave(group_size)
@@ -50,11 +52,11 @@ def draw_rollout(bundle, prompts: list, prompt_tasks: np.ndarray, sampler, promp
         bundle, cond, steps=sampler.steps, shift=sampler.shift, cfg=sampler.cfg, noise_level=sampler.noise_level,
         generator=step_generator(seed, NOISE_STREAM, step), return_trajectory=True,
         log_prob_reduction=sampler.logprob_reduction, share=(processes.index, processes.count),
-        transformer=transformer, sde=sampler.sde, window=sampler.sde_window,
+        transformer=transformer, sde=sampler.sde, window=sampler.sde_window, micro_batch=micro_batch,
     )
     samples = [prompts[i] for i in chosen for _ in range(group_size)][rows]
     tasks = np.repeat(np.asarray(prompt_tasks)[chosen], group_size)[rows]
-    return Rollout(samples, tasks, cond, trajectory, bundle.decode(x) if decode else None)
+    return Rollout(samples, tasks, cond, trajectory, micro_batched_decode(bundle, x, decode_batch) if decode else None)
 
 
 def trained_steps(sampler_steps: int, fraction: float, rng: np.random.Generator, stochastic=None) -> list[int]:
@@ -70,13 +72,15 @@ def trained_steps(sampler_steps: int, fraction: float, rng: np.random.Generator,
 
 
 # ---------------------------------------------------------------- rewards of a rollout
-def score_matrix(images: np.ndarray, prompts: list, tasks: np.ndarray, rewards: list) -> np.ndarray:
-    """(N, K) scores: reward k scores the samples whose prompt comes from task k; NaN elsewhere."""
+def score_matrix(images: np.ndarray, prompts: list, tasks: np.ndarray, rewards: list,
+                 batch: int | None = None) -> np.ndarray:
+    """(N, K) scores: reward k scores the samples whose prompt comes from task k; NaN elsewhere. batch: images per
+    reward call (None: each task's at once)."""
     scores = np.full((len(prompts), len(rewards)), np.nan)
     for k, reward in enumerate(rewards):
         rows = np.flatnonzero(tasks == k)
         if len(rows):
-            scores[rows, k] = reward(images[rows], [prompts[i] for i in rows])["score"]
+            scores[rows, k] = micro_batched_scores(reward, images[rows], [prompts[i] for i in rows], batch)["score"]
     return scores
 
 
@@ -140,7 +144,8 @@ class RewardRollouts:
     def rollout(self, step: int) -> Rollout:
         s = self.settings
         return draw_rollout(self.bundle, self.prompts, self.prompt_tasks, s.sampler, s.prompts_per_step,
-                            s.group_size, self.seed, step, self.processes, transformer=self.sampling_transformer())
+                            s.group_size, self.seed, step, self.processes, transformer=self.sampling_transformer(),
+                            micro_batch=s.micro_batch, decode_batch=s.decode_batch)
 
     def sampling_transformer(self):
         """The transformer the rollouts sample (None: the bundle's own, the policy being trained)."""
@@ -148,7 +153,8 @@ class RewardRollouts:
 
     def score(self, rollout: Rollout) -> np.ndarray:
         """(N, K) scores of the whole batch: each process scores its own rows, then they are gathered."""
-        return self.processes.gather(score_matrix(rollout.images, rollout.prompts, rollout.tasks, self.rewards))
+        scores = score_matrix(rollout.images, rollout.prompts, rollout.tasks, self.rewards, self.settings.reward_batch)
+        return self.processes.gather(scores)
 
     def advantages(self, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         s = self.settings

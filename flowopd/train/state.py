@@ -6,8 +6,10 @@ A run killed at any moment (kill -9 included) resumes from its last checkpoint t
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -51,12 +53,16 @@ class EMA:
 
 # ---------------------------------------------------------------- checkpoints
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every global RNG's state as tensors and plain Python values, so a checkpoint loads with weights_only=True."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    numpy_state = (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached)
+    return {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
     random.setstate(state["python"])
 
 
@@ -74,7 +80,12 @@ class Checkpoints:
     def load(self) -> dict | None:
         if not self.path.exists():
             return None
-        state = torch.load(self.path, map_location="cpu", weights_only=False)  # our own file: RNG states inside
+        try:  # weights_only: a planted or corrupted file is refused, never unpickled into running code
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+            print(f"note: {self.path} is not a checkpoint this version can read ({type(error).__name__}); "
+                  f"starting from scratch")
+            return None
         if state.get("fingerprint") != self.fingerprint:
             print(f"note: {self.path} is from other settings or inputs; starting from scratch")
             return None
@@ -82,12 +93,12 @@ class Checkpoints:
 
     def save(self, state: dict) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        temp = self.path.with_suffix(".tmp")
-        with open(temp, "wb") as handle:
+        # a fresh temp name in the folder (O_EXCL): never a planted file or symlink
+        with tempfile.NamedTemporaryFile(dir=self.folder, prefix=".state-", suffix=".tmp", delete=False) as handle:
             torch.save({**state, "fingerprint": self.fingerprint}, handle)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(temp, self.path)
+        os.replace(handle.name, self.path)
 
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

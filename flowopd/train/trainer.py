@@ -8,7 +8,7 @@ trainer's state and k, and a resumed run draws step k alike.
 
 `Trainer` holds what they all share: the trained weights (the whole transformer or a LoRA adapter), AdamW, the EMA
 of the weights, this process's place among several (flowopd.runtime.processes), and the state a checkpoint holds.
-Its settings need `lr`, `grad_clip`, `ema`, `steps` and `checkpoint_every`.
+Its settings need `lr`, `grad_clip`, `ema`, `steps`, `checkpoint_every` and `gradient_checkpointing`.
 
 The driver:
 - `train`: the step loop with its progress bar; the EMA moves after every step; checkpoints every
@@ -37,7 +37,13 @@ from flowopd.runtime.artifacts import (
 )
 from flowopd.runtime.processes import Processes
 from flowopd.spec.hashing import canonical_hash
-from flowopd.train.policy import ADAPTER, make_optimizer, prepare_policy, save_policy
+from flowopd.train.policy import (
+    ADAPTER,
+    enable_gradient_checkpointing,
+    make_optimizer,
+    prepare_policy,
+    save_policy,
+)
 from flowopd.train.state import EMA, Checkpoints, checkpoint_folder, rng_state, set_rng_state
 
 
@@ -61,6 +67,10 @@ class Trainer:
         self.params = list(self.named_params.values())
         self.optimizer = make_optimizer(self.params, settings.lr)
         self.ema = EMA(self.params, settings.ema.decay, settings.ema.every) if settings.ema else None
+        if settings.gradient_checkpointing:
+            enable_gradient_checkpointing(bundle.transformer)
+        sampler = getattr(settings, "sampler", None)
+        bundle.detach_uncond = sampler is not None and not sampler.uncond_grad  # read by every velocity with grad
 
     def step(self, step: int) -> dict:
         raise NotImplementedError(f"{type(self).__name__} must implement step(k) -> curve row")

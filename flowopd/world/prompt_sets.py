@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flowopd.spec.choices import PROMPT_FILE_FORMATS
+from flowopd.spec.paths import PROMPT_FILE_MAX_BYTES, PathRefused, allowed_roots, read_confined
 from flowopd.world import Prompt, WorldConfig, make_prompt_set
 
 SPLITS = ("train", "test")
@@ -44,16 +45,21 @@ def world_config(spec) -> WorldConfig:
     return WorldConfig(**spec.world.model_dump(mode="json"))
 
 
-def read_prompt_file(path: str | Path, format: str, task: str) -> list[FilePrompt]:
-    """Prompts of one file in Flow-GRPO's formats (see the module docstring); errors name the file and line."""
+def read_prompt_file(path: str | Path, format: str, task: str, roots: list[Path] | None = None) -> list[FilePrompt]:
+    """Prompts of one file in Flow-GRPO's formats (see the module docstring); errors name the file and line. The
+    file is read only if regular, under PROMPT_FILE_MAX_BYTES and (when `roots` are given) inside them."""
     if format not in PROMPT_FILE_FORMATS:
         raise ValueError(f"unknown prompt file format {format!r}; expected one of {', '.join(PROMPT_FILE_FORMATS)}")
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_confined(path, PROMPT_FILE_MAX_BYTES, roots).decode("utf-8")
     except FileNotFoundError:
         raise FileNotFoundError(f"prompt file {path} not found (task {task!r}; Flow-GRPO's dataset/ folder has "
                                 f"the published sets)") from None
+    except PathRefused as err:
+        raise ValueError(f"prompt file {path} (task {task!r}) refused: {err}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"prompt file {path} (task {task!r}) is not UTF-8 text") from None
     prompts = []
     for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()
@@ -82,12 +88,14 @@ def build_prompt_sets(spec, root: str | Path | None = None) -> dict[str, dict[st
     (default: the working directory, i.e. the repository root where stages run) joined with the spec's paths."""
     world = world_config(spec)
     root = Path.cwd() if root is None else Path(root)
+    roots = allowed_roots(root)  # a symbolic link inside the repository may not lead out of it
     sets: dict[str, dict[str, list[Prompt]]] = {}
     for name, task in spec.tasks.items():
         source = task.prompts
         if source.kind == "file":
             files = {"train": source.train, "test": source.test}
-            sets[name] = {split: read_prompt_file(root / files[split], source.format, name) for split in SPLITS}
+            sets[name] = {split: read_prompt_file(root / files[split], source.format, name, roots)
+                          for split in SPLITS}
             continue
         sizes = {"train": source.n_train, "test": source.n_test}
         sets[name] = {

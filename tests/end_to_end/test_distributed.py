@@ -24,6 +24,7 @@ from flowopd.phases import data as data_phase
 from flowopd.phases.data import run_data
 from flowopd.phases.opd import run_opd
 from flowopd.phases.teacher import run_teacher
+from flowopd.runtime.artifacts import atomic_folder, write_provenance
 from flowopd.runtime.launch import launch_command, relaunch_if_asked
 from flowopd.runtime.processes import Processes
 from flowopd.runtime.records import read_run_record
@@ -127,7 +128,9 @@ def inputs(tmp_path_factory):
     spec = load_spec(spec_file)
     run_data(spec, root / "data")
     torch.manual_seed(0)
-    TinyBundle(tiny_model_config(spec)).eval().save(root / "base")
+    with atomic_folder(root / "base") as folder:  # as the base phase writes it: meta.json records each file's sha256
+        TinyBundle(tiny_model_config(spec)).eval().save(folder)
+        write_provenance(folder, "base", {})
     return root, spec_file, spec
 
 
@@ -170,8 +173,9 @@ def test_two_processes_train_the_teacher_of_one(inputs):
     assert_same_weights(root / "teacher_1", root / "teacher_2")
     assert read_run_record(root / "teacher_2")["processes"] == 2  # provenance, not part of the artifact
     one, two = ({k: v for k, v in json.loads((root / f"teacher_{n}" / "meta.json").read_text()).items()
-                 if k != "weights_sha256"} for n in (1, 2))
-    assert one == two  # the process count is not in the artifact; the weights differ in float summation order
+                 if k not in ("weights_sha256", "files")} for n in (1, 2))
+    assert one == two  # the process count is not in the artifact; the weights (hence file hashes) differ in float
+    # summation order
     one, two = (Path(root / f"teacher_{n}" / "curve.csv").read_text().splitlines() for n in (1, 2))
     assert one[0] == two[0] and len(one) == len(two) == 1 + GRPO["steps"]
 

@@ -52,7 +52,8 @@ def test_dvc_repro_reruns_only_what_an_edit_changes(tree):
 
     # A second spec with the same training sections shares every model: only its own evals (and the ledger) run.
     (tree / "specs/micro_twin.yaml").write_text(
-        spec.read_text().replace("name: micro", "name: micro_twin").replace("seeds: [0]", "seeds: [1]"))
+        spec.read_text().replace("name: micro", "name: micro_twin").replace("label: micro", "label: micro_twin")
+        .replace("seeds: [0]", "seeds: [1]"))
     assert phases(repro(tree)) == {"eval", "ledger", "report"}
     header, *rows = (tree / "reports/main_table.csv").read_text().splitlines()
     assert header.split(",")[0] == "model" and {"text", "objects", "quality", "avg"} <= set(header.split(","))

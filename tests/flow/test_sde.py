@@ -13,6 +13,7 @@ from flowopd.flow.sde import (
     sde_step,
     sde_step_mean_std,
     sigma_schedule,
+    step_divergence,
     step_kl,
 )
 
@@ -168,3 +169,44 @@ def test_cps_last_step_is_deterministic_and_flow_is_unchanged():
     torch.testing.assert_close(sde_step_mean_std(x, v, 0.6, 0.45, 0.7, sde="flow")[0], flow[0])
     with pytest.raises(ValueError, match="sde must be one of flow, cps"):
         sde_step_mean_std(x, v, 0.6, 0.45, 0.7, sde="ddim")
+
+
+@pytest.mark.parametrize("sigma,sigma_next", [(1.0, 0.9), (0.6, 0.45), (torch.tensor([0.9, 0.5, 0.3]),
+                                                                       torch.tensor([0.8, 0.4, 0.1]))])
+def test_flow_grpo_divergence_is_its_own_formula(sigma, sigma_next):
+    """Flow-GRPO's train_sd3.py: ((mu - mu_ref) ** 2).mean(dim=(1, 2, 3)) / (2 * std_dev_t ** 2), std_dev_t = sd(s)."""
+    x, v, v_ref = _batch()
+    a = 0.7
+    mean, std = sde_step_mean_std(x, v, sigma, sigma_next, a)
+    mean_ref, _ = sde_step_mean_std(x, v_ref, sigma, sigma_next, a)
+    s, s_next = torch.as_tensor(sigma).reshape(-1), torch.as_tensor(sigma_next).reshape(-1)
+    std_dev_t = noise_scale(s, s_next, a)
+    flow_grpo = ((mean - mean_ref) ** 2).mean(dim=(1, 2, 3)) / (2 * std_dev_t**2)
+    ours = step_divergence(mean, mean_ref, std, sigma, sigma_next, "mean", "flow_grpo")
+    torch.testing.assert_close(ours, flow_grpo, rtol=1e-5, atol=0)
+    exact = step_divergence(mean, mean_ref, std, sigma, sigma_next, "mean", "step")
+    torch.testing.assert_close(exact, step_kl(mean, mean_ref, std, "mean"), rtol=0, atol=0)
+    per_element = step_divergence(mean, mean_ref, std, sigma, sigma_next, "none", "flow_grpo")
+    torch.testing.assert_close(per_element.mean(dim=(1, 2, 3)), flow_grpo, rtol=1e-5, atol=0)
+
+
+def test_flow_grpo_divergence_is_3_7_to_25_times_weaker_on_the_sd3_grid():
+    sigmas = sigma_schedule(10, 3.0)[:-1]  # the trained steps (never the last, to sigma 0)
+    x, v, v_ref = _batch()
+    ratios = []
+    for s, s_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist(), strict=True):
+        mean, std = sde_step_mean_std(x, v, s, s_next, 0.7)
+        mean_ref, _ = sde_step_mean_std(x, v_ref, s, s_next, 0.7)
+        kl = step_divergence(mean, mean_ref, std, s, s_next, form="step")
+        ratios.append((kl / step_divergence(mean, mean_ref, std, s, s_next, form="flow_grpo")).mean().item())
+    assert 3.5 < min(ratios) < 4.0 and 24 < max(ratios) < 26
+
+
+def test_divergence_form_is_checked_and_cps_is_unscaled():
+    x, v, v_ref = _batch()
+    mean, std = sde_step_mean_std(x, v, 0.6, 0.45, 0.5, sde="cps")
+    mean_ref, _ = sde_step_mean_std(x, v_ref, 0.6, 0.45, 0.5, sde="cps")
+    kl = step_kl(mean, mean_ref, std)
+    torch.testing.assert_close(step_divergence(mean, mean_ref, std, 0.6, 0.45, form="flow_grpo", sde="cps"), kl)
+    with pytest.raises(ValueError, match="kl_form"):
+        step_divergence(mean, mean_ref, std, 0.6, 0.45, form="flowgrpo")

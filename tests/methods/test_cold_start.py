@@ -15,6 +15,7 @@ from flowopd.phases.cold_start import main as stage_main
 from flowopd.phases.cold_start import run_cold_start
 from flowopd.phases.data import run_data
 from flowopd.phases.keys import cold_start_sub_spec
+from flowopd.runtime.artifacts import atomic_folder, write_provenance
 from flowopd.spec import SamplerSettings, load_spec, resolve_raw, validate_spec
 from flowopd.world.grammar import text_prompt
 
@@ -129,15 +130,22 @@ def inputs(tmp_path_factory):
     run_data(spec, root / "data")
     torch.manual_seed(0)
     base = TinyBundle(tiny_model_config(spec)).eval()
-    base.save(root / "base")
+    save_artifact(base, root / "base")
     for i, name in enumerate(TEACHERS):
         teacher = TinyBundle.load(root / "base")
         generator = torch.Generator().manual_seed(i)
         with torch.no_grad():
             for p in teacher.transformer.parameters():
                 p.add_(0.05 * torch.randn(p.shape, generator=generator))
-        teacher.save(root / name)
+        save_artifact(teacher, root / name)
     return root
+
+
+def save_artifact(bundle, folder):
+    """A model folder as a phase writes it: the weights and a meta.json recording every file's sha256."""
+    with atomic_folder(folder) as staging:
+        bundle.save(staging)
+        write_provenance(staging, "base", {})
 
 
 def teacher_dirs(root):

@@ -22,6 +22,7 @@ from flowopd.phases.baseline import run_baseline
 from flowopd.phases.data import run_data
 from flowopd.phases.keys import teacher_sub_spec
 from flowopd.phases.teacher import run_teacher
+from flowopd.runtime.artifacts import atomic_folder, write_provenance
 from flowopd.spec import (
     EmaSettings,
     GRPOSettings,
@@ -349,7 +350,9 @@ def phase_inputs(tmp_path_factory, spec, base_state):
     run_data(spec, root / "data")
     bundle = TinyBundle(tiny_model_config(spec))
     bundle.load_state_dict(base_state)
-    bundle.save(root / "base")
+    with atomic_folder(root / "base") as folder:  # as the base phase writes it: meta.json records each file's sha256
+        bundle.save(folder)
+        write_provenance(folder, "base", {})
     return root
 
 

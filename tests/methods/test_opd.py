@@ -26,6 +26,7 @@ from flowopd.phases.data import run_data
 from flowopd.phases.keys import opd_sub_spec
 from flowopd.phases.opd import main as stage_main
 from flowopd.phases.opd import run_opd
+from flowopd.runtime.artifacts import atomic_folder, write_provenance
 from flowopd.spec import (
     EmaSettings,
     OPDSettings,
@@ -432,10 +433,17 @@ def test_interrupted_run_resumes_bit_identically(tmp_path, spec, states, pool, e
 def phase_inputs(tmp_path_factory, spec, states):
     root = tmp_path_factory.mktemp("opd")
     run_data(spec, root / "data")
-    bundle_of(spec, states["base"]).save(root / "base")
+    save_artifact(bundle_of(spec, states["base"]), root / "base")
     for name in ("text", "objects", "quality"):
-        bundle_of(spec, states["quality" if name == "objects" else name]).save(root / name)
+        save_artifact(bundle_of(spec, states["quality" if name == "objects" else name]), root / name)
     return root
+
+
+def save_artifact(bundle, folder):
+    """A model folder as a phase writes it: the weights and a meta.json recording every file's sha256."""
+    with atomic_folder(folder) as staging:
+        bundle.save(staging)
+        write_provenance(staging, "base", {})
 
 
 def micro_spec(**sections):

@@ -63,3 +63,25 @@ def test_tokens_are_words_and_single_capital_letters(bundle):
 def test_overlong_prompt_is_refused_with_the_limit(bundle):
     with pytest.raises(ValueError, match="max_text_len=11"):
         bundle.encode(["a " * 12])
+
+
+def test_detached_unconditional_branch_keeps_values_and_drops_its_gradient(bundle):
+    """uncond_grad false (Flow-GRPO): v_u carries no gradient, so d v / d theta = cfg d v_c / d theta."""
+    cond = bundle.encode(["a photo of a red circle"] * 2)
+    x, sigma = torch.randn(2, *bundle.latent_shape), torch.tensor([0.3, 0.9])
+    weight = bundle.transformer.proj_out.weight
+
+    def grad_of(fn):
+        bundle.transformer.zero_grad()
+        value = fn()
+        value.square().sum().backward()
+        return value.detach(), weight.grad.clone()
+
+    trained_value, trained_grad = grad_of(lambda: bundle.velocity(x, sigma, cond, cfg=3.0))
+    bundle.detach_uncond = True
+    detached_value, detached_grad = grad_of(lambda: bundle.velocity(x, sigma, cond, cfg=3.0))
+    torch.testing.assert_close(detached_value, trained_value, rtol=0, atol=0)
+    assert not torch.allclose(detached_grad, trained_grad)
+    v_uncond = bundle.velocity(x, sigma, bundle.null_condition(2)).detach()
+    _, expected = grad_of(lambda: v_uncond + 3.0 * (bundle.velocity(x, sigma, cond) - v_uncond))
+    torch.testing.assert_close(detached_grad, expected, rtol=1e-4, atol=1e-6)

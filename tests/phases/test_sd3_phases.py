@@ -19,6 +19,7 @@ from flowopd.phases.cold_start import run_cold_start
 from flowopd.phases.data import run_data
 from flowopd.phases.eval import run_eval
 from flowopd.phases.opd import run_opd, sd3_models
+from flowopd.runtime.artifacts import atomic_folder, write_provenance
 from flowopd.spec import LoraSettings, load_spec
 from flowopd.train.policy import ADAPTER
 
@@ -70,8 +71,9 @@ def world(tmp_path_factory):
         generator = torch.Generator().manual_seed(seed)
         state = {k: v + 0.1 * torch.randn(v.shape, generator=generator) if "lora_B" in k else v
                  for k, v in bundle.adapter_state_dict(name).items()}
-        (root / name).mkdir()
-        write_adapter(root / name, state, LORA | {"target_modules": target, "dropout": 0.0})
+        with atomic_folder(root / name) as folder:  # as a teacher phase writes it: meta.json records the sha256s
+            write_adapter(folder, state, LORA | {"target_modules": target, "dropout": 0.0})
+            write_provenance(folder, "teacher", {})
     tasks = {task: {"prompts": {"kind": "file", "format": "lines", "train": str(root / f"{task}.train.txt"),
                                 "test": str(root / f"{task}.test.txt")}, "reward": "ocr", "ocr": {}}
              for task in ("sign", "poster")}
@@ -173,3 +175,15 @@ def test_sd3_sft_cold_start_fits_a_new_adapter_to_the_teachers_samples(world):
     assert meta["method"] == "sft" and meta["samples"] == 8 and meta["routing"] == {"sign": 4, "poster": 4}
     assert len((root / "sft" / "curve.csv").read_text().splitlines()) == 1 + 2
 
+
+
+def test_sd3_loading_takes_the_t5_length_and_vae_dtype_from_the_spec(world):
+    from flowopd.models.loading import load_bundle
+
+    _, spec, _ = world
+    default = load_bundle(spec, None, torch.device("cpu"))
+    assert default.max_sequence_length == 256 and default.vae.dtype == torch.float32
+    model = spec.model.model_copy(update={"max_sequence_length": 7, "vae_dtype": "bf16"})
+    bundle = load_bundle(spec.model_copy(update={"model": model}), None, torch.device("cpu"))
+    assert bundle.max_sequence_length == 7 and bundle.vae.dtype == torch.bfloat16
+    assert bundle.encode(['a sign that says "OK"']).prompt_embeds.shape[1] == 77 + 7

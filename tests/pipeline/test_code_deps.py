@@ -14,6 +14,7 @@ from flowopd.methods.pretrain import tiny_model_config
 from flowopd.models.tiny import TinyBundle
 from flowopd.phases.data import run_data
 from flowopd.pipeline.code_deps import code_deps, stage_code_deps
+from flowopd.runtime.artifacts import atomic_folder, write_provenance
 from flowopd.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -85,7 +86,9 @@ def test_the_modules_a_stage_loads_are_its_dependencies(tmp_path):
     spec = load_spec(MICRO)
     run_data(spec, tmp_path / "data")
     torch.manual_seed(0)
-    TinyBundle(tiny_model_config(spec)).eval().save(tmp_path / "base")
+    with atomic_folder(tmp_path / "base") as staging:  # as the base phase writes it: meta.json records the hashes
+        TinyBundle(tiny_model_config(spec)).eval().save(staging)
+        write_provenance(staging, "base", {})
     none = tmp_path / "none.yaml"
     none.write_text(f"extends: {MICRO}\ncold_start: {{method: none}}\n")
     runs = {"data": ["--spec", MICRO, "--out", tmp_path / "data_2"],

@@ -22,7 +22,8 @@ def make_tree(tmp_path, **variants: str) -> Path:
     (tmp_path / "specs/ablations").mkdir(parents=True)
     shutil.copy(ROOT / "specs/flow_opd.yaml", tmp_path / "specs/flow_opd.yaml")
     for name, body in variants.items():
-        (tmp_path / f"specs/ablations/{name}.yaml").write_text(f"extends: ../flow_opd.yaml\nname: {name}\n{body}")
+        label = "" if "label:" in body else f"label: {name}\n"  # two specs never share a label
+        (tmp_path / f"specs/ablations/{name}.yaml").write_text(f"extends: ../flow_opd.yaml\nname: {name}\n{label}{body}")
     return tmp_path
 
 

@@ -137,18 +137,17 @@ def test_the_docs_python_example_runs(spread, tmp_path, monkeypatch):
     assert set(scope["ablations"]["model"]) >= {"flow_opd", "flow_opd:no_mar", "flow_opd:sft_init"}
 
 
-def test_samples_that_disagree_with_the_metrics_give_no_interval(tmp_path, capsys):
+def test_samples_that_disagree_with_the_metrics_are_refused_at_ingest(tmp_path):
     shard = make_shard(tmp_path / "eval", "flow_opd", samples=scored({}))
     lines = (shard / "samples.jsonl").read_text().splitlines()
-    lines = [line.replace('"score": ', '"score": 0.25, "was": ', 1) if '"benchmark": "text"' in line and i == 0
-             else line for i, line in enumerate(lines)]  # one text score changed: no longer the recorded mean
+    changed = [line.replace('"score": ', '"score": 0.25, "was": ', 1) if '"benchmark": "text"' in line and i == 0
+               else line for i, line in enumerate(lines)]  # one text score changed: no longer the recorded mean
     objects = [i for i, line in enumerate(lines) if '"benchmark": "objects"' in line]
-    del lines[objects[-1]]  # one objects sample lost: not every prompt x seed
-    (shard / "samples.jsonl").write_text("\n".join(lines) + "\n")
+    lost = [line for i, line in enumerate(lines) if i != objects[-1]]  # one objects sample lost
     db = tmp_path / "ledger.duckdb"
-    ingest([shard], db)
-    row = tables.main_table(db).row(0, named=True)
-    assert row["text_lo"] is None and row["objects_lo"] is None and row["avg_lo"] is None
-    assert row["quality_lo"] < row["quality"] < row["quality_hi"] and row["text"] is not None
-    err = capsys.readouterr().err
-    assert "flow_opd: text.score: samples average" in err and "objects.strict: samples do not cover" in err
+    for damaged, message in ((changed, "benchmarks.text.metrics.score.seeds.0 is "),
+                             (lost, "benchmarks.objects.metrics.strict.seeds.1: n is 24 prompts, samples.jsonl scores 23")):
+        (shard / "samples.jsonl").write_text("\n".join(damaged) + "\n")
+        with pytest.raises(LedgerError, match=message):
+            ingest([shard], db)
+        assert not db.exists()

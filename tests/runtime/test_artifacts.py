@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from flowopd.runtime.artifacts import atomic_folder, write_provenance
+from flowopd.runtime.artifacts import atomic_folder, sha256_file, write_provenance
 from flowopd.runtime.records import git_state, process_started, read_run_record, run_record_path
 from flowopd.spec.hashing import canonical_hash
 
@@ -41,7 +41,7 @@ def test_the_folder_holds_what_the_inputs_determine_and_the_run_record_the_rest(
     assert set(files) == {"weights", "spec.json", "meta.json"}
     meta = json.loads(files["meta.json"])
     assert meta == {"phase": "base", "sections_hash": canonical_hash({"seed": 0, "base": {"steps": 3}}),
-                    "parameters": 12}
+                    "parameters": 12, "files": {name: sha256_file(target / name) for name in ("spec.json", "weights")}}
     assert json.loads(files["spec.json"]) == {"base": {"steps": 3}, "seed": 0}
     run = read_run_record(target)
     assert run_record_path(target) == tmp_path / "base" / "abc.run.json"

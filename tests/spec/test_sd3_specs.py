@@ -35,8 +35,12 @@ def test_sd3_spec_validates_with_published_settings(path):
         assert (sampler.steps, sampler.noise_level, sampler.cfg, sampler.shift) == (10, 0.7, 4.5, 3.0)
         assert phase.clip_eps == 1e-4 and phase.lora is None and phase.cfg_train
         assert (phase.ema.decay, phase.ema.every) == (0.9, 8)
-    for grpo in phases[:-1]:
-        assert (grpo.group_size, grpo.beta, grpo.lr, grpo.adv_std) == (24, 0.04, 3e-4, "global")
+    for name, grpo in zip([*spec.teachers, "baseline"], phases[:-1], strict=True):  # Flow-GRPO's beta per reward
+        beta = 0.01 if name == "pickscore" else 0.04
+        assert (grpo.group_size, grpo.beta, grpo.lr, grpo.adv_std) == (24, beta, 3e-4, "global")
+        # Flow-GRPO's KL term and detached unconditional branch, so its betas mean the same here
+        assert (grpo.sampler.kl_form, grpo.sampler.uncond_grad) == ("flow_grpo", False)
+    assert (model.max_sequence_length, model.vae_dtype) == (128, "fp32")
     assert spec.opd.group_size == 16 and spec.opd.estimator == "sampled"
     evaluation = spec.evaluation.sampler  # evaluation: 40 ODE steps, CFG 4.5
     assert (evaluation.steps, evaluation.noise_level, evaluation.cfg) == (40, 0.0, 4.5)
