@@ -11,7 +11,10 @@ The model: diffusers' SD3Transformer2DModel with stabilityai/stable-diffusion-3.
 (16 latent channels), randomly initialised in `--dtype`. The text encoders are left out: prompts get fixed random
 embeddings of SD3's shape (77 CLIP + 256 T5 tokens x 4096, pooled 2048), as a run that encodes its prompts once up
 front sees them. The reward is a stand-in (mean brightness): scoring is not what this measures.
-The steps are the project's own: GRPOTrainer.step (specs/sd3/flow_opd.yaml's teacher settings: SDE sampler, all 9
+By default each phase runs one process's share of the spec's step on 8 GPUs (`--gpus`): teacher 48 / 8 prompts x 24
+images = 144, OPD its prompts / 8 x 16, through the spec's micro-batches and gradient checkpointing, with prompt
+embeddings of the spec's length (77 + model.max_sequence_length tokens), so a GPU run of it measures what a real run
+does per GPU. The steps are the project's own: GRPOTrainer.step (specs/sd3/flow_opd.yaml's teacher settings: SDE sampler, all 9
 trainable steps, CFG 4.5 in training, KL to the adapter-off reference), OPDTrainer.step (its OPD settings: element
 credit, three frozen teacher adapters and the MAR anchor on the same transformer, lambda 0.02) and
 flowopd.evaluation.benchmark.generate (its evaluation sampler: 40 Euler steps, CFG 4.5, then the VAE decode). Every phase runs
@@ -145,12 +148,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--prompts", type=int, default=2, help="prompts per step (teacher and OPD)")
-    parser.add_argument("--group", type=int, default=4, help="images per prompt (teacher and OPD)")
+    parser.add_argument("--gpus", type=int, default=8, help="GPUs of the run: each process's share of a step is "
+                        "the spec's prompts_per_step / gpus prompts x group_size (the default batch measured)")
+    parser.add_argument("--prompts", type=int, help="prompts per step (teacher and OPD; default: the share)")
+    parser.add_argument("--group", type=int, help="images per prompt (teacher and OPD; default: the spec's)")
     parser.add_argument("--eval-batch", type=int, default=8, help="prompts in the evaluation batch (the sd3 eval's)")
     parser.add_argument("--steps", type=int, help="rollout sampler steps (default: the spec's, 10)")
     parser.add_argument("--eval-steps", type=int, help="evaluation sampler steps (default: the spec's, 40)")
-    parser.add_argument("--text-tokens", type=int, default=77 + 256, help="prompt embedding length (SD3: 333)")
+    parser.add_argument("--text-tokens", type=int, help="prompt embedding length (default: 77 CLIP tokens + the "
+                        "spec's model.max_sequence_length of T5)")
     parser.add_argument("--pos-embed-max-size", type=int, default=SD35M["pos_embed_max_size"])
     parser.add_argument("--repeat", type=int, default=2, help="runs of each phase; the last is reported")
     parser.add_argument("--spec", type=Path, default=ROOT / "specs/sd3/flow_opd.yaml")
@@ -165,11 +171,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     device = torch.device(args.device)
     spec = load_spec(args.spec)
-    batch = {"prompts_per_step": args.prompts, "group_size": args.group}
+    args.text_tokens = args.text_tokens or 77 + spec.model.max_sequence_length
     rollout = {} if args.steps is None else {"steps": args.steps}
-    grpo = spec.teachers["ocr"].method
-    grpo = grpo.model_copy(update=batch | {"sampler": grpo.sampler.model_copy(update=rollout)})
-    opd = spec.opd.model_copy(update=batch | {"sampler": spec.opd.sampler.model_copy(update=rollout)})
+
+    def one_process(method):
+        """The method at one process's share of its step, through its own micro-batches and checkpointing."""
+        prompts = args.prompts or max(1, method.prompts_per_step // args.gpus)
+        batch = {"prompts_per_step": prompts, "group_size": args.group or method.group_size}
+        return method.model_copy(update=batch | {"sampler": method.sampler.model_copy(update=rollout)})
+
+    grpo, opd = one_process(spec.teachers["ocr"].method), one_process(spec.opd)
+    args.prompts = max(grpo.prompts_per_step, opd.prompts_per_step)
     evaluation = spec.evaluation.sampler.model_copy(update={} if args.eval_steps is None else
                                                     {"steps": args.eval_steps})
     lora = spec.model.lora
@@ -180,6 +192,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     start = time.perf_counter()
     bundle, config = build_bundle(args, device)
     params = sum(p.numel() for p in bundle.transformer.parameters())
+    print(f"one process of {args.gpus}: teacher {grpo.prompts_per_step} x {grpo.group_size} images (micro-batch "
+          f"{grpo.micro_batch or 'whole'}), OPD {opd.prompts_per_step} x {opd.group_size} (micro-batch "
+          f"{opd.micro_batch or 'whole'}), gradient checkpointing {grpo.gradient_checkpointing}")
     print(f"SD3.5-M-shaped transformer: {args.layers} layers, {params / 1e9:.3f} B parameters, {args.dtype}, "
           f"{args.resolution} px, {args.text_tokens} text tokens, on {device} "
           f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'})"
@@ -197,7 +212,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     teacher = GRPOTrainer(bundle, grpo, prompts, np.zeros(len(prompts), dtype=int), [brightness], ["brightness"],
                           [1.0], seed=0, lora=lora)
     seconds, gb = timed(lambda: teacher.step(0), args.repeat, peak, device)
-    results.append({"phase": "teacher", "images": args.prompts * args.group, "seconds": seconds, "gb": gb})
+    results.append({"phase": "teacher", "images": grpo.prompts_per_step * grpo.group_size, "seconds": seconds,
+                    "gb": gb})
     bundle.transformer.delete_adapters(ADAPTER)
 
     # one OPD step: three frozen teacher adapters and the anchor beside the student's, switched per routed forward
@@ -208,13 +224,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                          spec.mar.weight, seed=0, lora=lora)
     bundle.set_adapter(ADAPTER)
     seconds, gb = timed(lambda: student.step(0), args.repeat, peak, device)
-    results.append({"phase": "opd", "images": args.prompts * args.group, "seconds": seconds, "gb": gb})
+    results.append({"phase": "opd", "images": opd.prompts_per_step * opd.group_size, "seconds": seconds, "gb": gb})
 
     # one evaluation batch: the evaluation sampler (Euler ODE, CFG) and the VAE decode
     bundle.transformer.eval()
     batch_prompts = prompts[: args.eval_batch]
-    seconds, gb = timed(lambda: generate(bundle, batch_prompts, evaluation, 0, args.eval_batch), args.repeat, peak,
-                        device)
+    seconds, gb = timed(lambda: generate(bundle, batch_prompts, evaluation, 0, args.eval_batch,
+                                         micro_batch=spec.evaluation.micro_batch,
+                                         decode_batch=spec.evaluation.decode_batch), args.repeat, peak, device)
     results.append({"phase": "eval", "images": args.eval_batch, "seconds": seconds, "gb": gb})
 
     print(f"forward of one CFG row: {flops / 1e12:.3f} TFLOP; forwards per image: "

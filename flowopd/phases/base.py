@@ -1,4 +1,6 @@
-"""Phase `base` (tiny world only): pretrain the base model by flow matching on the world's renders.
+"""Phase `base`: the tiny world pretrains its base model by flow matching on the world's renders; an sd3 spec's
+base is its pretrained model, written as a model artifact without an adapter (so it is evaluated as the first row,
+like SD3.5-M in the paper's tables).
 
     python stages/base.py --spec SPEC --out DIR [--curve CSV]
 """
@@ -23,7 +25,10 @@ from flowopd.runtime.launch import refuse_several_processes
 
 def run_base(spec, out: Path, curve_path: Path | None = None, progress: bool = True) -> None:
     if spec.model.kind != "tiny":
-        raise SystemExit("the base phase pretrains tiny models only; an sd3 spec starts from its pretrained weights")
+        if curve_path is not None:
+            raise SystemExit("an sd3 base is not trained: it has no curve")
+        record_pretrained_base(spec, out)
+        return
     started, start = now(), time.time()  # like every phase's clock, it covers the model library's import
     from flowopd.methods.pretrain import pretrain
 
@@ -45,6 +50,16 @@ def run_base(spec, out: Path, curve_path: Path | None = None, progress: bool = T
         )
     if curve_path is not None:
         write_curve(curve_path, curve)
+
+
+def record_pretrained_base(spec, out: Path) -> None:
+    """An sd3 base: a model artifact with no adapter, which flowopd.models.loading reads as the bare pretrained
+    model. It names the weights (model.pretrained, model.revision) rather than holding or hashing them."""
+    started, start = now(), time.time()
+    with atomic_folder(out) as folder:
+        write_provenance(folder, "base", sub_spec(spec, "base"), **spec_identity(spec), started=started,
+                         finished=now(), seconds=round(time.time() - start, 2),
+                         pretrained=spec.model.pretrained, revision=spec.model.revision)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -89,7 +89,8 @@ PIPELINES = (
 TINY = PIPELINES[0]
 REPORT_OUTS = ["main_table.csv", "main_table.md", "main_table.tex", "mar_table.md", "exploit_table.md", "README.md",
                "plots", "grids"]  # in the reports folder
-# The sections each phase lists as DVC params; sd3 has no base stage, so its training stages own `model` themselves.
+# The sections each phase lists as DVC params; an sd3 base stage only names the pretrained model (its training stages
+# read it themselves, not through the base artifact), so they list `model` too.
 # `sampler` is the training phases' shared rollout sampler, which each inherits (so each lists it).
 OWN_SECTIONS = {
     "data": ("seed", "world", "tasks"),
@@ -250,7 +251,14 @@ def build(root: Path = Path("."), layout: Layout = TINY, notes: list[str] | None
             base_dir = b.train("base", keys["base"], f"base-{keys['base']}", spec_path, [],
                                OWN_SECTIONS["base"], b.code("base"))
             base_arg, base_deps = ["--base", base_dir], [base_dir]
-            models[f"base-{keys['base']}"] = ("base", base_dir)
+        else:  # the pretrained model as an artifact without an adapter: the first row, and OPD's start for `none`
+            base_dir = b.artifact("base", keys["base"])
+            b.add(f"base-{keys['base']}", {
+                "cmd": command("python", "stages/base.py", "--spec", spec_path, "--out", base_dir),
+                "deps": b.code("base"),
+                "outs": artifact_outs(base_dir),
+            }, spec_path, own_model)
+        models[f"base-{keys['base']}"] = ("base", base_dir)
         inputs = [*base_arg, "--data", data_dir]
         teacher_dirs = {}
         for name, teacher in spec.teachers.items():

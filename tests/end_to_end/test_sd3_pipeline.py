@@ -93,8 +93,8 @@ def test_the_sd3_pipeline_runs_every_phase_through_dvc_then_is_a_no_op(repo):
     assert not any(name in root for name in stages), root  # no tiny spec here: the root project tracks nothing
     done = run(project, "dvc", "repro")
     assert ran(done.stdout) == set(stages), done.stdout[-3000:]
-    assert {name.split("-")[0] for name in stages} == {"data", "teacher", "baseline", "cold_start", "opd", "eval",
-                                                       "ledger", "report"}
+    assert {name.split("-")[0] for name in stages} == {"data", "base", "teacher", "baseline", "cold_start", "opd",
+                                                       "eval", "ledger", "report"}
     assert ran(run(project, "dvc", "repro").stdout) == set()  # a no-op
     assert "up to date" in run(project, "dvc", "status").stdout
     assert "failed" not in run(project, "dvc", "metrics", "show").stdout
@@ -105,10 +105,10 @@ def test_the_sd3_pipeline_runs_every_phase_through_dvc_then_is_a_no_op(repo):
         dirty = {row[0] for row in con.execute("SELECT DISTINCT git_dirty FROM runs").fetchall()}
     finally:
         con.close()
-    assert phases == {"eval": 8, "teacher": 4, "baseline": 1, "opd": 3}  # each evaluated model's training run
+    assert phases == {"eval": 9, "base": 1, "teacher": 4, "baseline": 1, "opd": 3}  # each evaluated model's run
     assert dirty == {False}  # DVC wrote sd3/dvc.lock and sd3/reports during the run: still a clean tree
     table = (project / "reports/main_table.csv").read_text().splitlines()
-    assert len(table) == 1 + 8 and table[0].startswith("model,")
+    assert len(table) == 1 + 9 and table[0].startswith("model,") and table[1].startswith("base,")
     for name, stage in stages.items():
         if name not in ("ledger", "report"):  # every artifact folder with its run record beside it
             assert read_run_record(project / stage["outs"][0])["phase"] == name.split("-")[0]

@@ -187,3 +187,20 @@ def test_sd3_loading_takes_the_t5_length_and_vae_dtype_from_the_spec(world):
     bundle = load_bundle(spec.model_copy(update={"model": model}), None, torch.device("cpu"))
     assert bundle.max_sequence_length == 7 and bundle.vae.dtype == torch.bfloat16
     assert bundle.encode(['a sign that says "OK"']).prompt_embeds.shape[1] == 77 + 7
+
+
+def test_the_sd3_base_is_an_artifact_without_adapter_evaluated_as_the_bare_pretrained_model(world):
+    from flowopd.models.loading import load_model
+    from flowopd.phases.base import run_base
+
+    root, spec, _ = world
+    run_base(spec, root / "base")
+    assert sorted(p.name for p in (root / "base").iterdir()) == ["meta.json", "spec.json"]
+    meta = json.loads((root / "base" / "meta.json").read_text())
+    assert (meta["phase"], meta["pretrained"], meta["revision"]) == ("base", spec.model.pretrained, None)
+    bundle = load_model(spec, root / "base", torch.device("cpu"))
+    assert bundle.adapters == []  # the bare pretrained transformer
+    run_eval(spec, root / "base", root / "data", "base", root / "eval_base", root / "base.json", progress=False)
+    assert json.loads((root / "base.json").read_text())["model"] == "base"
+    with pytest.raises(SystemExit, match="no curve"):
+        run_base(spec, root / "base_2", root / "curve.csv")

@@ -136,7 +136,11 @@ def test_the_sd3_specs_make_their_own_pipeline_with_the_same_rules():
     for name in stages:
         by_phase.setdefault(name.split("-")[0], []).append(name)
     assert {phase: len(names) for phase, names in by_phase.items()} == {
-        "data": 1, "teacher": 4, "baseline": 1, "cold_start": 2, "opd": 3, "eval": 8, "ledger": 1, "report": 1}
+        "data": 1, "base": 1, "teacher": 4, "baseline": 1, "cold_start": 2, "opd": 3, "eval": 9, "ledger": 1,
+        "report": 1}
+    (base,) = (stages[n] for n in by_phase["base"])  # the pretrained model, evaluated as the first row
+    assert base["cmd"] == f"cd .. && python stages/base.py --spec specs/sd3/flow_opd.yaml --out sd3/{base['outs'][0]}"
+    assert "--label base" in stages[f"eval-{by_phase['base'][0]}-" + by_phase["eval"][0].rsplit("-", 1)[1]]["cmd"]
     assert all(stage["cmd"].startswith("cd .. && python stages/") for stage in stages.values())
     outs = [o if isinstance(o, str) else next(iter(o)) for s in stages.values() for o in s["outs"]]
     assert all(o.startswith(("artifacts/", "reports/")) for o in outs)
@@ -147,9 +151,9 @@ def test_the_sd3_specs_make_their_own_pipeline_with_the_same_rules():
     teacher = stages[by_phase["teacher"][0]]
     assert teacher["cmd"].startswith("cd .. && python stages/teacher.py --spec specs/sd3/flow_opd.yaml")
     assert "--out sd3/artifacts/teacher/" in teacher["cmd"]
-    assert "model" in teacher["params"][0]["../specs/sd3/flow_opd.yaml"]  # no base stage owns it
+    assert "model" in teacher["params"][0]["../specs/sd3/flow_opd.yaml"]  # read by the teacher, not via the base
     labels = sorted(stages[n]["cmd"].split("--label ")[1].split()[0] for n in by_phase["eval"])
-    assert labels == ["flow_opd", "flow_opd:no_mar", "flow_opd:sft_init", "mixed_grpo", "teacher:deqa",
+    assert labels == ["base", "flow_opd", "flow_opd:no_mar", "flow_opd:sft_init", "mixed_grpo", "teacher:deqa",
                       "teacher:geneval", "teacher:ocr", "teacher:pickscore"]
     assert "--db sd3/reports/ledger.duckdb" in stages["ledger"]["cmd"]
     assert "--quality-benchmark deqa" in stages["report"]["cmd"]  # the MAR anchor's task: the MAR table
