@@ -29,32 +29,23 @@ import time
 
 import torch
 
+from flowopd.pipeline.memory_probe import (  # SD3.5-M's configs and the /proc helpers live in the memory plan's probe
+    GB,
+    SD35M,
+    SD35M_ID,
+    SD35M_TEXT,
+    SD35M_VAE,
+    model_sizes,
+    reset_peak,
+    sizes_from_configs,
+    vm,
+)
+from flowopd.spec import LoraSettings
+
 TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
            "attn.add_v_proj", "attn.to_add_out"]  # Flow-GRPO's LoRA targets (flowopd.models.sd3.SD3_LORA_TARGETS)
 RANK, ALPHA, MODELS = 32, 64, 5  # student + 3 teachers + anchor
 TEXT_TOKENS = 77 + 256  # CLIP (77) + T5 (max_sequence_length 256) tokens of SD3's prompt embedding
-SD35M = {  # stabilityai/stable-diffusion-3.5-medium, transformer/config.json
-    "sample_size": 128, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 24,
-    "attention_head_dim": 64, "num_attention_heads": 24, "joint_attention_dim": 4096, "caption_projection_dim": 1536,
-    "pooled_projection_dim": 2048, "pos_embed_max_size": 384, "dual_attention_layers": tuple(range(13)),
-    "qk_norm": "rms_norm",
-}
-GB = 1e9
-
-
-# ---------------------------------------------------------------- measurement helpers
-def vm(key: str) -> int:
-    """VmRSS / VmHWM of this process in bytes (Linux)."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {key} in /proc/self/status (Linux only)")
-
-
-def reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")  # resets VmHWM to the current VmRSS
 
 
 def bench_config(layers: int) -> dict:
@@ -120,32 +111,13 @@ def run_plan(plan: str, layers: int, resolution: int) -> dict:
 
 
 # ---------------------------------------------------------------- the full model, counted on the meta device
-def count(module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 def full_model_counts() -> dict:
-    from diffusers import AutoencoderKL, SD3Transformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
-
-    with torch.device("meta"):
-        transformer = SD3Transformer2DModel(**SD35M)
-        clip_l = CLIPTextModelWithProjection(CLIPTextConfig(
-            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-            projection_dim=768, hidden_act="quick_gelu"))
-        clip_g = CLIPTextModelWithProjection(CLIPTextConfig(
-            vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-            projection_dim=1280, hidden_act="gelu"))
-        t5 = T5EncoderModel(T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24,
-                                     num_heads=64, feed_forward_proj="gated-gelu"))
-        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16,
-                            block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                            use_quant_conv=False, use_post_quant_conv=False)
-    lora = sum(RANK * (m.in_features + m.out_features) for n, m in transformer.named_modules()
-               if isinstance(m, torch.nn.Linear) and any(n == t or n.endswith("." + t) for t in TARGETS))
-    return {"transformer": count(transformer), "pos_embed": sum(b.numel() for b in transformer.buffers()),
-            "lora": lora, "encoders": count(clip_l) + count(clip_g) + count(t5), "t5": count(t5), "vae": count(vae)}
+    """flowopd.pipeline.memory_probe's counts of SD3.5-M's components (its configs built on the meta device)."""
+    sizes = model_sizes(SD35M_ID)
+    t5 = sizes_from_configs("T5", SD35M, SD35M_VAE, {"text_encoder_3": SD35M_TEXT["text_encoder_3"]}).text_encoders
+    return {"transformer": sizes.transformer, "pos_embed": sizes.position_table,
+            "lora": sizes.lora(LoraSettings(rank=RANK, alpha=ALPHA, target_modules=TARGETS)),
+            "encoders": sizes.text_encoders, "t5": t5, "vae": sizes.vae}
 
 
 def forward_flops_512() -> float:
@@ -191,7 +163,8 @@ def extrapolate(results: dict, layers: int) -> None:
           f"{per_layer_row_token / 1e3:.1f} kB fp32 per layer, CFG row and token): 24 layers x 2 rows x "
           f"{tokens_512} tokens at 512 px / 2 (bf16) = {act_gb:.1f} GB per sample without gradient checkpointing")
     print(f"  per GPU at one training sample: copy plan ~{plan_copy + shared_gb + act_gb:.0f} GB, adapter plan "
-          f"~{plan_adapter + shared_gb + act_gb:.0f} GB (add {act_gb:.1f} GB per further sample in the micro-batch)")
+          f"~{plan_adapter + shared_gb + act_gb:.0f} GB (add {act_gb:.1f} GB per further sample in the micro-batch; "
+          "`flowopd spec plan SPEC --gpu-memory GB` measures a spec's stages)")
     flops = forward_flops_512()
     print(f"  compute: one forward of one CFG row at 512 px = {flops / 1e12:.2f} TFLOP (FlopCounterMode, meta device)")
 

@@ -8,11 +8,16 @@ Several processes (accelerate launch) split each seed's sampling batches round-r
 the seed and its first prompt's index whichever process samples it, so every image is the 1-process one. Each
 process scores its own images; the scores and images are gathered in prompt order (the exploit detector compares
 images across prompts, so it runs on the gathered benchmark).
+
+A failure loses no finished batch: with `kept` (ScoredBatches), each batch's images are kept on disk once sampled and
+its scores once scored, and the next run of the same evaluation (same weights, settings and code) takes them from
+there instead of sampling and scoring again, so a reward server that dies at the last benchmark costs one batch.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 from pathlib import Path
 
@@ -58,6 +63,66 @@ def generate(bundle, prompts, sampler, seed: int, batch_size: int = 64, progress
     return np.concatenate(chunks)
 
 
+class ScoredBatches:
+    """Finished evaluation batches in `folder`: <task>-<seed>-<start>.npy (its images, kept once sampled) and .json
+    (its prompts, and its scores once scored). A batch whose prompts differ is sampled afresh. Written atomically;
+    read with allow_pickle=False. None: keep nothing (ScoredBatches(None) does nothing)."""
+
+    def __init__(self, folder: Path | None):
+        self.folder = None if folder is None else Path(folder)
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+
+    def _paths(self, task: str, seed: int, start: int) -> tuple[Path, Path]:
+        stem = self.folder / f"{task}-{seed}-{start}"
+        return stem.with_suffix(".npy"), stem.with_suffix(".json")
+
+    def load(self, task: str, seed: int, start: int, texts: list[str]) -> tuple[np.ndarray | None, dict | None]:
+        """(images or None, scores or None) that a previous run finished for this batch."""
+        if self.folder is None:
+            return None, None
+        images_path, record_path = self._paths(task, seed, start)
+        try:
+            record = json.loads(record_path.read_text(encoding="utf-8"))
+            images = np.load(images_path, allow_pickle=False)
+        except (OSError, ValueError):
+            return None, None
+        if record.get("prompts") != texts or len(images) != len(texts):
+            return None, None
+        scores = record.get("scores")
+        return images, None if scores is None else {m: np.asarray(v, dtype=np.float64) for m, v in scores.items()}
+
+    def keep(self, task: str, seed: int, start: int, texts: list[str], images: np.ndarray,
+             scores: dict | None = None) -> None:
+        """Keep a batch's images (scores None: not scored yet), or its scores beside the images kept before."""
+        if self.folder is None:
+            return
+        images_path, record_path = self._paths(task, seed, start)
+        if scores is None:
+            with open(images_path.with_suffix(".npy.partial"), "wb") as file:
+                np.save(file, images, allow_pickle=False)
+            os.replace(images_path.with_suffix(".npy.partial"), images_path)
+        record = {"prompts": texts, "scores": None if scores is None else {m: v.tolist() for m, v in scores.items()}}
+        record_path.with_suffix(".partial").write_text(json.dumps(record), encoding="utf-8")
+        os.replace(record_path.with_suffix(".partial"), record_path)
+
+
+def scored_batch(bundle, reward, batch: list, evaluation, seed: int, size: int, start: int, task: str,
+                 kept: ScoredBatches) -> tuple[dict, np.ndarray]:
+    """({metric: scores}, images) of the benchmark's batch at `start`: what `kept` holds of it, the rest sampled
+    and scored (and kept as soon as it is)."""
+    texts = [p.text for p in batch]
+    images, scores = kept.load(task, seed, start, texts)
+    if images is None:
+        images = generate(bundle, batch, evaluation.sampler, seed, size, first=start,
+                          micro_batch=evaluation.micro_batch, decode_batch=evaluation.decode_batch)
+        kept.keep(task, seed, start, texts, images)
+    if scores is None:
+        scores = {metric: np.asarray(values, dtype=np.float64) for metric, values in reward(images, batch).items()}
+        kept.keep(task, seed, start, texts, images, scores)
+    return scores, images
+
+
 def image_grid(images: np.ndarray, captions: list[str], columns: int = 8, scale: int = 4) -> Image.Image:
     """Upscaled images (nearest, so pixels stay honest) with their prompt below each."""
     font = ImageFont.load_default(size=11)
@@ -76,10 +141,10 @@ def image_grid(images: np.ndarray, captions: list[str], columns: int = 8, scale:
 
 
 def evaluate(bundle, spec, prompts_folder: Path, out: Path | None, progress: bool = True,
-             processes: Processes | None = None) -> dict:
+             processes: Processes | None = None, kept: ScoredBatches | None = None) -> dict:
     """Score `bundle` on the spec's benchmarks; write results into `out` (None: write nothing, as every process but
-    the main one); return the metrics record."""
-    evaluation, processes = spec.evaluation, processes or Processes()
+    the main one); return the metrics record. kept: the finished batches of an earlier failed run (module docstring)."""
+    evaluation, processes, kept = spec.evaluation, processes or Processes(), kept or ScoredBatches(None)
     size = EVAL_BATCH[spec.model.kind]
     benchmarks = {}
     sample_rows = []
@@ -94,10 +159,7 @@ def evaluate(bundle, spec, prompts_folder: Path, out: Path | None, progress: boo
             mine = []  # (first prompt index, {metric: scores}, images) of this process's batches
             for start in range(size * processes.index, len(prompts), size * processes.count):
                 batch = prompts[start : start + size]
-                images = generate(bundle, batch, evaluation.sampler, seed, size, first=start,
-                                  micro_batch=evaluation.micro_batch, decode_batch=evaluation.decode_batch)
-                scores = {metric: np.asarray(values, dtype=np.float64)
-                          for metric, values in reward(images, batch).items()}
+                scores, images = scored_batch(bundle, reward, batch, evaluation, seed, size, start, task_name, kept)
                 mine.append((start, scores, images))
                 bar.update(len(batch) * processes.count)
             parts = sorted((part for shares in processes.gather_objects(mine) for part in shares),

@@ -16,9 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from flowopd.methods.grpo import GRPOTrainer
+from flowopd.models.bundle import embed_and_release
 from flowopd.models.loading import load_bundle, weights_sha
 from flowopd.runtime.artifacts import now
 from flowopd.runtime.processes import Processes
+from flowopd.train.rollouts import rollout_texts
 from flowopd.train.trainer import lora_settings, run_training
 
 
@@ -61,6 +63,8 @@ def run_reward_phase(spec, phase: str, sub_spec: dict, method, base_dir: Path | 
     started, start = now(), time.time()
     processes = Processes.from_environment()
     bundle = load_bundle(spec, base_dir, processes.device)
+    texts = rollout_texts(pool.prompts, method.prompts_per_step, method.group_size, method.steps, spec.seed, processes)
+    embed_and_release(bundle, texts, method.micro_batch)  # sd3: every prompt this process samples, once
     base_sha = weights_sha(base_dir) if base_dir is not None else None
     prompt_digest = hashlib.sha256("\n".join(p.text for p in pool.prompts).encode()).hexdigest()
     lora = lora_settings(spec, method)

@@ -3,6 +3,10 @@
 Each teacher samples `samples_per_prompt` images for the train prompts routed to it (the cold start's own sampler),
 optionally only each prompt's best-reward sample is kept, then the base is fine-tuned on them with the flow-matching
 loss  L = || v_theta(x_s, s, c) - (e - x0) ||^2,  x_s = (1 - s) x0 + s e  (docs/method.md#cold-start).
+The targets come from the evaluation's sampler (its deterministic ODE, as in Flow-GRPO-style SFT on teacher images)
+unless `cold_start.target_sampler: rollout` picks the cold start's own `sampler`. Memory: the prompts are embedded
+once (sd3: then the text encoders are freed), the samples stay on the host and each chunk or batch goes to the
+device as it is used; the scoring decodes and scores a chunk at a time.
 Several processes (accelerate launch) split it like the trainers (flowopd.runtime.processes): each sampling chunk's
 rows (every draw made for the whole chunk), the scoring, and each SFT batch's rows (every draw made for the whole
 batch, gradients summed), so they reach the 1-process weights up to float summation order.
@@ -22,9 +26,9 @@ from flowopd.flow.sampler import sample
 from flowopd.methods.router import Router, format_summary
 from flowopd.models.bundle import (
     Condition,
+    embed_and_release,
     micro_batched_decode,
     micro_batched_encode,
-    micro_batched_scores,
     micro_batches,
 )
 from flowopd.runtime.processes import Processes
@@ -41,8 +45,9 @@ def teacher_samples(teachers: dict, prompts: list, routes: list[str], sampler, s
     """x0 (N * G, ...): G = samples_per_prompt samples of prompt i in rows i G ... i G + G - 1, each drawn by the
     teacher prompt i is routed to (teachers: name -> bundle). Each teacher draws from its own stream, keyed by its
     name, so its samples do not depend on the other teachers. Several processes split each chunk of rows evenly
-    (a chunk that does not split is sampled whole by each) and gather them: every process returns all of x0.
-    micro_batch: rows per transformer forward and prompts per text-encoder call (None: a chunk's share)."""
+    (a chunk that does not split is sampled whole by each) and gather them: every process returns all of x0, on the
+    host (CPU). micro_batch: rows per transformer forward and prompts per text-encoder call (None: a chunk's share).
+    """
     processes = processes or Processes()
     missing = sorted(set(routes) - set(teachers))
     if missing:
@@ -66,12 +71,13 @@ def teacher_samples(teachers: dict, prompts: list, routes: list[str], sampler, s
             cond = micro_batched_encode(bundle, [prompts[r // group].text for r in part], micro_batch)
             x = sample(bundle, cond, steps=sampler.steps, shift=sampler.shift, cfg=sampler.cfg,
                        noise_level=sampler.noise_level, generator=generator,
-                       log_prob_reduction=sampler.logprob_reduction, share=share, micro_batch=micro_batch)
+                       log_prob_reduction=sampler.logprob_reduction, share=share, sde=sampler.sde,
+                       window=sampler.sde_window, micro_batch=micro_batch).cpu()
             if share[1] > 1:
-                x = torch.cat(processes.gather_objects(x.cpu())).to(x.device)
+                x = torch.cat(processes.gather_objects(x))
             if out is None:
-                out = torch.empty((total, *x.shape[1:]), dtype=x.dtype, device=x.device)
-            out[torch.as_tensor(chunk, device=x.device)] = x
+                out = torch.empty((total, *x.shape[1:]), dtype=x.dtype)
+            out[torch.as_tensor(chunk)] = x
             bar.update(len(chunk))
     bar.close()
     return out
@@ -97,7 +103,8 @@ def sft(bundle, x0: Tensor, texts: list[str], settings, seed: int, cfg_dropout: 
         time_sampling: str = "logit_normal", progress: bool = True, processes: Processes | None = None) -> list[dict]:
     """Fine-tune the bundle's transformer (or a LoRA adapter, settings.lora) on (x0, text) pairs with the
     flow-matching loss for settings.steps batches of settings.batch_size; a share `cfg_dropout` of each batch sees
-    the empty prompt (keeps classifier-free guidance working). The text encoder stays frozen. Returns the curve.
+    the empty prompt (keeps classifier-free guidance working). The text encoder stays frozen; each batch's prompts
+    are encoded as it is drawn (sd3: from the embeddings cache). x0 may live on the host. Returns the curve.
     Several processes: each takes its rows of every batch (batch_size a multiple of the count), gradients summed;
     settings.micro_batch splits a process's rows further (the draws stay the whole batch's, gradients accumulate).
     """
@@ -108,7 +115,7 @@ def sft(bundle, x0: Tensor, texts: list[str], settings, seed: int, cfg_dropout: 
         enable_gradient_checkpointing(bundle.transformer)
     optimizer = make_optimizer(params, settings.lr)
     generator = step_generator(seed, SFT_TRAIN_STREAM, 0)
-    cond_all, null = micro_batched_encode(bundle, texts, settings.micro_batch), bundle.encode([""])
+    device, null = bundle.transformer.device, bundle.encode([""])
     curve, start = [], time.perf_counter()
     bundle.transformer.train()
     bar = tqdm(range(settings.steps), desc="sft", disable=not progress or not processes.is_main, dynamic_ncols=True)
@@ -118,13 +125,13 @@ def sft(bundle, x0: Tensor, texts: list[str], settings, seed: int, cfg_dropout: 
     parts = fitting_parts(settings.batch_size, processes, settings.micro_batch)
     for step in bar:
         idx = torch.randint(len(texts), (settings.batch_size,), generator=generator)
-        drop = (torch.rand(settings.batch_size, generator=generator) < cfg_dropout).to(x0.device)
-        picked = cond_all.index(idx.to(x0.device))
+        drop = (torch.rand(settings.batch_size, generator=generator) < cfg_dropout).to(device)
+        picked = micro_batched_encode(bundle, [texts[i] for i in idx.tolist()], settings.micro_batch)
         cond = Condition(
             torch.where(drop[:, None, None], null.prompt_embeds, picked.prompt_embeds),
             torch.where(drop[:, None], null.pooled, picked.pooled),
         )
-        batch = x0[idx.to(x0.device)]
+        batch = x0[idx].to(device)  # x0 stays on the host; a batch goes to the device as it is used
         noise, sigma = flow_matching_draws(batch, generator, time_sampling)
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
@@ -142,6 +149,36 @@ def sft(bundle, x0: Tensor, texts: list[str], settings, seed: int, cfg_dropout: 
     return curve
 
 
+def sample_scores(spec, base, x0: Tensor, prompts: list, tasks: list[str], processes: Processes) -> np.ndarray:
+    """Each sample's score under the reward of its prompt's task of origin, gathered. Each process decodes and
+    scores its rows reward_batch at a time (decode_batch images per VAE decode), so it holds one chunk's images."""
+    from flowopd.rewards import task_reward
+    from flowopd.world.prompt_sets import world_config
+
+    settings, rewards = spec.cold_start, {}
+    group = settings.samples_per_prompt
+    share = processes.split(len(x0))
+    scores = np.empty(share.stop - share.start)
+    for part in micro_batches(len(scores), settings.reward_batch):
+        rows = np.arange(share.start + part.start, share.start + part.stop)
+        images = micro_batched_decode(base, x0[rows[0] : rows[-1] + 1], settings.decode_batch)
+        for task in dict.fromkeys(tasks):
+            mine = np.flatnonzero([tasks[r // group] == task for r in rows])
+            if len(mine):
+                if task not in rewards:  # built on first use: a process may score no sample of a task
+                    rewards[task] = task_reward(spec.tasks[task], world_config(spec))
+                batch_prompts = [prompts[r // group] for r in rows[mine]]
+                scores[part.start + mine] = rewards[task](images[mine], batch_prompts)["score"]
+    return np.concatenate(processes.gather_objects(scores))
+
+
+def target_sampler(spec):
+    """The sampler of the SFT targets: the evaluation's (`cold_start.target_sampler: evaluation`, its ODE) or the
+    cold start's own `sampler` (`rollout`)."""
+    settings = spec.cold_start
+    return spec.evaluation.sampler if settings.target_sampler == "evaluation" else settings.sampler
+
+
 def sft_cold_start(spec, base, teachers: dict, prompts: list, tasks: list[str], progress: bool = True,
                    processes: Processes | None = None):
     """Route the prompts, sample the teachers, keep the best of each group (optional), fine-tune `base` in place.
@@ -150,9 +187,6 @@ def sft_cold_start(spec, base, teachers: dict, prompts: list, tasks: list[str], 
     teacher's task; rewards read the prompt's structured fields, so another task's reward would not apply).
     -> (curve, info for the provenance).
     """
-    from flowopd.rewards import task_reward
-    from flowopd.world.prompt_sets import world_config
-
     settings, processes = spec.cold_start, processes or Processes()
     router = Router.from_spec(spec)
     routes = router.route_all(prompts, tasks)
@@ -160,25 +194,16 @@ def sft_cold_start(spec, base, teachers: dict, prompts: list, tasks: list[str], 
     if processes.is_main:
         print(format_summary(counts))
     group = settings.samples_per_prompt
-    x0 = teacher_samples(teachers, prompts, routes, settings.sampler, group, spec.seed, progress, processes,
+    embed_and_release(base, [p.text for p in prompts], settings.micro_batch)  # sd3: the teachers are its adapters
+    x0 = teacher_samples(teachers, prompts, routes, target_sampler(spec), group, spec.seed, progress, processes,
                          settings.micro_batch)
     rows = np.arange(len(x0))
     if settings.best_of_group and group > 1:
-        share = processes.split(len(x0))  # each process scores its rows; the scores are gathered
-        scores = np.empty(share.stop - share.start)
-        images = micro_batched_decode(base, x0[share], settings.decode_batch)
-        for task in dict.fromkeys(tasks):
-            mine = np.array([r for r in rows[share] if tasks[r // group] == task], dtype=int)
-            if len(mine):
-                reward = task_reward(spec.tasks[task], world_config(spec))
-                local = mine - share.start
-                scores[local] = micro_batched_scores(reward, images[local], [prompts[r // group] for r in mine],
-                                                 settings.reward_batch)["score"]
-        rows = best_of_groups(np.concatenate(processes.gather_objects(scores)), group)
+        rows = best_of_groups(sample_scores(spec, base, x0, prompts, tasks, processes), group)
+        x0 = x0[torch.as_tensor(rows)]  # the kept samples; the others are freed
     texts = [prompts[r // group].text for r in rows]
     tiny = spec.model.kind == "tiny"
-    curve = sft(base, x0[torch.as_tensor(rows, device=x0.device)], texts, settings, spec.seed,
-                cfg_dropout=spec.base.cfg_dropout if tiny else 0.0,
+    curve = sft(base, x0, texts, settings, spec.seed, cfg_dropout=spec.base.cfg_dropout if tiny else 0.0,
                 time_sampling=spec.base.time_sampling if tiny else "logit_normal", progress=progress,
                 processes=processes)
     return curve, {"routing": counts, "samples": len(rows)}

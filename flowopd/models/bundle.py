@@ -54,6 +54,15 @@ class Bundle(Protocol):
     def decode(self, x: Tensor) -> np.ndarray: ...
 
 
+def embed_and_release(bundle, texts: list[str], batch_size: int | None = None) -> None:
+    """A stage's prompts embedded once, then the text encoders freed, on a bundle that caches embeddings (SD3Bundle:
+    embed_prompts, release_text_encoders); other bundles encode as they go (the tiny one's encoder is part of the
+    trained model). batch_size: prompts per text-encoder call."""
+    if hasattr(bundle, "embed_prompts"):
+        bundle.embed_prompts(texts, batch_size)
+        bundle.release_text_encoders()
+
+
 def transformer_velocity(transformer, x: Tensor, sigma, cond: Condition, null: Condition | None, cfg: float,
                          detach_uncond: bool = False):
     """v = v_u + cfg (v_c - v_u) in one batched forward of 2B (Ho & Salimans' CFG); plain v when cfg == 1.

@@ -59,10 +59,13 @@ def cold_start_sub_spec(spec) -> dict:
     if spec.cold_start.method == "none":
         return starting_model_sub_spec(spec)
     tasks = spec.sections("tasks") if spec.cold_start.method == "sft" else {}
+    cold_start = spec.cold_start.model_dump(mode="json")
+    if spec.cold_start.method == "sft" and spec.cold_start.target_sampler == "evaluation":
+        cold_start["sampler"] = spec.evaluation.sampler.model_dump(mode="json")  # the sampler the targets come from
     return starting_model_sub_spec(spec) | tasks | {
         "teachers": {name: teacher_sub_spec(spec, name) for name in spec.teachers},
         "router": spec.router.model_dump(mode="json"),
-        "cold_start": spec.cold_start.model_dump(mode="json"),
+        "cold_start": cold_start,
     }
 
 

@@ -18,6 +18,7 @@ import torch
 
 from flowopd.methods.opd_trainer import OPDTrainer
 from flowopd.methods.router import Router, format_summary
+from flowopd.models.bundle import embed_and_release
 from flowopd.models.loading import weights_sha
 from flowopd.phases.keys import opd_sub_spec
 from flowopd.phases.stage_cli import (
@@ -31,6 +32,7 @@ from flowopd.runtime.artifacts import now, verify_artifact
 from flowopd.runtime.launch import relaunch_if_asked
 from flowopd.runtime.processes import Processes
 from flowopd.train.policy import ADAPTER
+from flowopd.train.rollouts import rollout_texts
 from flowopd.train.trainer import lora_settings, run_training
 from flowopd.world.prompt_sets import training_prompts
 
@@ -56,6 +58,9 @@ def run_opd(spec, init_dir: Path, base_dir: Path | None, teacher_dirs: dict, dat
         lora, init_adapter = lora_settings(spec, settings), None
     else:
         student, models, lora, init_adapter = sd3_models(spec, init_dir, needed, teacher_dirs, processes.device)
+        texts = rollout_texts(prompts, settings.prompts_per_step, settings.group_size, settings.steps, spec.seed,
+                              processes)
+        embed_and_release(student, texts, settings.micro_batch)  # every prompt this process samples, once
     trainer = OPDTrainer(student, settings, prompts, routes, {n: models[n] for n in counts},
                          models.get(anchor_name), spec.mar.weight, seed=spec.seed, lora=lora,
                          init_adapter=init_adapter, processes=processes)

@@ -6,8 +6,13 @@ plain JSON instead. A server (or a thin adapter in front of Flow-GRPO's reward-s
     POST <url>   Content-Type: application/json
     {"images":   ["<base64 PNG>", ...],           # N lossless RGB images
      "prompts":  ["a photo of a cat", ...],       # N prompt texts
-     "metadata": [{"tag": "single_object", ...}]}  # N objects: the prompt files' metadata (GenEval's include ...)
-    -> 200 application/json {"score": [N numbers], "strict": [N numbers], ...}   # every key of `remote.metrics`
+     "metadata": [{"tag": "single_object", ...}],  # N objects: the prompt files' metadata (GenEval's include ...)
+     "metrics":  ["score", "strict"]}             # the keys wanted: a server may skip the work of the others
+    -> 200 application/json {"score": [N numbers], "strict": [N numbers], ...}   # every key of "metrics"
+
+The trainers want "score" alone; the evaluation every key of `remote.metrics` (GenEval behind Flow-GRPO's
+reward-server computes its official accuracy, `correct`, only then: flowopd/rewards/reward_server.py).
+`flowopd serve` (flowopd/rewards/server.py) is the server side of this protocol.
 
 Each batch of `batch_size` images is one request. The client does not trust the server:
 - one deadline of `timeout` seconds covers a whole request (connect, TLS, send, read), however slowly the server
@@ -40,6 +45,7 @@ import numpy as np
 
 RETRY_STATUS = (429, 500, 502, 503, 504)
 MAX_ANSWER_BYTES = 8 * 2**20  # a batch's scores take a few KB; anything near this is not an answer
+ERROR_BYTES = 4096  # read of a retried answer, for its `error`
 
 
 class RemoteRewardError(RuntimeError):
@@ -100,14 +106,13 @@ def unique_keys(pairs: list[tuple]) -> dict:
     return dict(pairs)
 
 
-class RemoteReward:
-    """reward(images (N,H,W,3) uint8, prompts) -> {metric: (N,) float64} for every metric of settings.metrics.
+class GuardedClient:
+    """POSTs to a server the project does not trust (module docstring): one deadline per attempt, retries, no
+    redirects, a capped answer. settings: url, timeout, retries, backoff (the spec's RemoteSettings)."""
 
-    settings: the spec's RemoteSettings (url, metrics, timeout, retries, backoff, batch_size).
-    """
-
-    name = "remote"
     max_answer_bytes = MAX_ANSWER_BYTES
+    request_type = "application/json"
+    answer_type: str | None = "application/json"  # None: any (a server that labels its bytes wrongly)
 
     def __init__(self, settings, sleep=time.sleep):
         self.settings = settings
@@ -123,24 +128,6 @@ class RemoteReward:
         self.tls = ssl.create_default_context() if parts.scheme == "https" else None  # verifies certificates
         self.port = self.port or (443 if self.tls else 80)
         self.path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-
-    def __call__(self, images: np.ndarray, prompts) -> dict[str, np.ndarray]:
-        images = np.asarray(images)
-        if len(images) != len(prompts):
-            raise ValueError(f"remote reward: {len(images)} images but {len(prompts)} prompts")
-        out = {key: [] for key in self.settings.metrics}
-        step = self.settings.batch_size
-        for start in range(0, len(images), step):
-            chunk = prompts[start : start + step]
-            payload = {
-                "images": [png_base64(x) for x in images[start : start + step]],
-                "prompts": [p if isinstance(p, str) else p.text for p in chunk],
-                "metadata": [{} if isinstance(p, str) else dict(getattr(p, "metadata", {}) or {}) for p in chunk],
-            }
-            answer = self._post(json.dumps(payload).encode())
-            for key, values in self._check(answer, len(chunk)).items():
-                out[key].append(values)
-        return {key: np.concatenate(parts) if parts else np.zeros(0) for key, parts in out.items()}
 
     def fail(self, what: str) -> RemoteRewardError:
         return RemoteRewardError(f"reward server {self.where}: {what}")
@@ -168,8 +155,8 @@ class RemoteReward:
             with socket.create_connection((self.host, self.port), timeout) as sock, \
                     watchdog(sock, started + timeout - time.monotonic()):
                 conn.sock = self.tls.wrap_socket(sock, server_hostname=self.host) if self.tls else sock
-                conn.request("POST", self.path, body, {"Content-Type": "application/json",
-                                                       "Accept": "application/json", "Connection": "close"})
+                conn.request("POST", self.path, body, {"Content-Type": self.request_type,
+                                                       "Accept": self.answer_type or "*/*", "Connection": "close"})
                 with conn.getresponse() as response:
                     answer = self._read(response)
                 if time.monotonic() - started >= timeout:  # the watchdog hung up: a body read to its end may be cut
@@ -189,8 +176,10 @@ class RemoteReward:
         if 300 <= response.status < 400:
             location = response.getheader("Location", "")
             raise self.fail(f"{status} to '{short(location)}' refused: a POST is never redirected")
-        if response.status in RETRY_STATUS:
-            raise _Transient(status)
+        if response.status in RETRY_STATUS:  # the `error` of a short JSON answer says why (an adapter's upstream)
+            kind = response.headers.get_content_type()
+            detail = self._detail(response.read(ERROR_BYTES + 1), kind) if kind == "application/json" else ""
+            raise _Transient(status + (detail if detail.startswith(":") else ""))
         length, cap = response.getheader("Content-Length", ""), self.max_answer_bytes
         if length.strip().isdigit() and int(length) > cap:
             raise self.fail(f"{status}: answer of {int(length)} bytes is over the {cap}-byte cap")
@@ -200,8 +189,8 @@ class RemoteReward:
         kind = response.headers.get_content_type()
         if response.status != 200:
             raise self.fail(f"{status}{self._detail(answer, kind)}")
-        if kind != "application/json":
-            raise self.fail(f"{status}: answer is {kind}, not application/json")
+        if self.answer_type and kind != self.answer_type:
+            raise self.fail(f"{status}: answer is {kind}, not {self.answer_type}")
         return answer
 
     @staticmethod
@@ -212,22 +201,52 @@ class RemoteReward:
         except (ValueError, RecursionError):
             data = None
         if isinstance(data, dict) and isinstance(data.get("error"), str):
-            return f": {short(data['error'])}"
+            return f": {short(data['error'], 160)}"
         return f" ({kind}, {len(answer)} bytes)"
 
-    # -- protocol --------------------------------------------------------------------------------------------
-    def _check(self, answer: bytes, n: int) -> dict[str, np.ndarray]:
+
+class RemoteReward(GuardedClient):
+    """reward(images (N,H,W,3) uint8, prompts) -> {metric: (N,) float64} for every metric of settings.metrics.
+
+    settings: the spec's RemoteSettings (url, metrics, timeout, retries, backoff, batch_size).
+    """
+
+    name = "remote"
+    waits_on_network = True  # a trainer may score with it on a thread while it decodes (flowopd.train.rollouts)
+
+    def __call__(self, images: np.ndarray, prompts, metrics=None) -> dict[str, np.ndarray]:
+        """metrics: the keys to ask for (None: settings.metrics); the trainers ask for ("score",)."""
+        images = np.asarray(images)
+        if len(images) != len(prompts):
+            raise ValueError(f"remote reward: {len(images)} images but {len(prompts)} prompts")
+        metrics = tuple(self.settings.metrics if metrics is None else metrics)
+        out = {key: [] for key in metrics}
+        step = self.settings.batch_size
+        for start in range(0, len(images), step):
+            chunk = prompts[start : start + step]
+            payload = {
+                "images": [png_base64(x) for x in images[start : start + step]],
+                "prompts": [p if isinstance(p, str) else p.text for p in chunk],
+                "metadata": [{} if isinstance(p, str) else dict(getattr(p, "metadata", {}) or {}) for p in chunk],
+                "metrics": list(metrics),
+            }
+            answer = self._post(json.dumps(payload).encode())
+            for key, values in self._check(answer, len(chunk), metrics).items():
+                out[key].append(values)
+        return {key: np.concatenate(parts) if parts else np.zeros(0) for key, parts in out.items()}
+
+    def _check(self, answer: bytes, n: int, metrics: tuple[str, ...]) -> dict[str, np.ndarray]:
         try:  # JSON integers become floats (huge ones inf, caught below); strings and booleans stay what they are
             data = json.loads(answer, parse_int=float, object_pairs_hook=unique_keys)
         except (ValueError, RecursionError) as err:
             raise self.fail(f"answer is not valid JSON ({type(err).__name__}: {short(err)})") from None
         if not isinstance(data, dict):
             raise self.fail(f"answer is a {type(data).__name__}, not a JSON object")
-        missing = [k for k in self.settings.metrics if k not in data]
+        missing = [k for k in metrics if k not in data]
         if missing:
             raise self.fail(f"answer lacks metrics {missing} (has {len(data)} keys)")
         out = {}
-        for key in self.settings.metrics:
+        for key in metrics:
             values = data[key]
             if not isinstance(values, list):
                 raise self.fail(f"metric {key!r} is a {type(values).__name__}, not a list of numbers")

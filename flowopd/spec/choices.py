@@ -42,6 +42,7 @@ ROUTER_DEFAULTS = ("base", "error")  # router.default words besides a teacher na
 COLD_START_METHODS = ("merge", "sft", "none")
 MERGE_MODES = ("linear", "task_arithmetic", "ties")
 LORA_MERGES = ("product", "factors")
+SFT_TARGET_SAMPLERS = ("evaluation", "rollout")  # the SFT targets' sampler: evaluation.sampler or its own
 
 # on-policy distillation
 ESTIMATORS = ("sampled", "analytic", "analytic_grad", "diffusion_opd", "velocity_mse")

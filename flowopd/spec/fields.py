@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from flowopd.spec.choices import TASK_FAMILIES
 from flowopd.spec.paths import check_spec_path
@@ -58,16 +66,61 @@ MEMORY_DEFAULTS = {"micro_batch": None, "decode_batch": None, "reward_batch": No
 
 def without_memory_defaults(data: dict) -> dict:
     """A section's dump without the memory settings left at their defaults: they change how a batch is computed, not
-    what (up to float summation order), so specs written before they existed keep their hash and stage keys."""
-    return {k: v for k, v in data.items() if k not in MEMORY_DEFAULTS or v != MEMORY_DEFAULTS[k]}
+    what (up to float summation order), so specs written before they existed keep their hash and stage keys. The
+    ones set come last, in MEMORY_DEFAULTS' order, wherever their section declares them."""
+    settings = {k: data[k] for k in MEMORY_DEFAULTS if k in data and data[k] != MEMORY_DEFAULTS[k]}
+    return {k: v for k, v in data.items() if k not in MEMORY_DEFAULTS} | settings
 
 
-def micro_batch_problem(section, batch: int, batch_name: str = "prompts_per_step x group_size",
-                        names=("micro_batch", "decode_batch", "reward_batch")) -> str | None:
-    """The first micro-batch larger than the batch it splits (`batch`, named `batch_name`), named; None if fine.
-    Over several processes a micro-batch above a process's share is that whole share."""
-    for name in names:
-        value = getattr(section, name, None)
-        if value is not None and value > batch:
-            return f"{name} {value} is larger than the batch it splits ({batch_name} = {batch})"
-    return None
+class MemorySettings(Section):
+    """Base of the sections that take memory settings (docs/gpu.md#micro-batches) from the mixins below: left out of
+    the dump at their defaults, and no micro-batch larger than the batch it splits (over several processes, a
+    micro-batch above a process's share is that whole share)."""
+
+    def _batch_split(self) -> tuple[int, str, tuple[str, ...]] | None:
+        """(the batch, its name, the settings that split it) for the size check; None: nothing to check."""
+        return None
+
+    @model_validator(mode="after")
+    def _micro_batches_fit(self):
+        split = self._batch_split()
+        if split is not None:
+            batch, batch_name, names = split
+            for name in names:
+                value = getattr(self, name)
+                if value is not None and value > batch:
+                    raise ValueError(f"{name} {value} is larger than the batch it splits ({batch_name} = {batch})")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_default_memory_settings(self, handler):
+        return without_memory_defaults(handler(self))
+
+
+class MicroBatch(MemorySettings):
+    micro_batch: PositiveInt | None = None
+    """Samples per transformer forward in every model call of the phase: sampling (rollouts, OPD's teacher and
+    anchor targets, the SFT teachers' samples) and each update or fitting batch (gradients accumulate over them);
+    SFT: also prompts per text-encoder call. CFG doubles the rows (NFT: its two branches are separate forwards).
+    Null: the whole call (a process's share of the step). Rollout and update split alike, so the first epoch's PPO
+    ratio is 1; the noise is drawn per call, so the samples do not depend on it."""
+
+
+class DecodeBatch(MemorySettings):
+    decode_batch: PositiveInt | None = None
+    """Images per VAE decode (rollouts, the best-of-group scoring, the evaluation's sampling calls); null: all the
+    images of the call (a rollout: the process's share) at once."""
+
+
+class RewardBatch(MemorySettings):
+    reward_batch: PositiveInt | None = None
+    """Images per reward call; null: each task's images of the step at once."""
+
+
+class GradientCheckpointing(MemorySettings):
+    gradient_checkpointing: Bool = False
+    """Recompute the transformer's activations in the backward pass: far less memory, about a third more compute."""
+
+
+class TrainingMemory(MicroBatch, DecodeBatch, RewardBatch, GradientCheckpointing):
+    """All four memory settings: the reward trainers (GRPO, NFT) and the SFT cold start."""

@@ -1,4 +1,5 @@
-"""`flowopd spec validate|show|hash|schema`: check, print and hash experiment specs.
+"""`flowopd spec validate|show|hash|schema`: check, print and hash experiment specs (`plan`, which needs the models,
+is added by flowopd.cli from flowopd/pipeline/plan_cli.py).
 
 Bad input never gives a traceback: each problem is one line on its own, and the exit status is 1.
 Imports nothing heavy (no torch, no diffusers), so it answers in well under a second.
@@ -98,10 +99,11 @@ def cmd_schema(args) -> int:
     return 0
 
 
-def add_spec_parser(subparsers) -> argparse.ArgumentParser:
-    """Register `spec` on a parent parser's subparsers; each leaf sets `func(args) -> exit status`."""
+def add_spec_parser(subparsers, extra=()) -> argparse.ArgumentParser:
+    """Register `spec` on a parent parser's subparsers; each leaf sets `func(args) -> exit status`. `extra`: functions
+    adding more leaves to `spec` from layers above this one (e.g. `plan`)."""
     parser = subparsers.add_parser("spec", help="validate, show, hash experiment specs; print their schema")
-    sub = parser.add_subparsers(dest="spec_command", required=True, metavar="{validate,show,hash,schema}")
+    sub = parser.add_subparsers(dest="spec_command", required=True)
     p = sub.add_parser("validate", help="check specs: 'ok PATH HASH12' each, or one line per problem")
     p.add_argument("paths", nargs="+", metavar="PATH")
     p.set_defaults(func=cmd_validate)
@@ -117,6 +119,9 @@ def add_spec_parser(subparsers) -> argparse.ArgumentParser:
     group.add_argument("--write", metavar="FILE", help=f"write it to FILE (e.g. {SCHEMA_PATH})")
     group.add_argument("--check", metavar="FILE", help="exit 1 if FILE differs from the current schema")
     p.set_defaults(func=cmd_schema)
+    for add in extra:
+        add(sub)
+    sub.metavar = "{" + ",".join(sub.choices) + "}"
     return parser
 
 

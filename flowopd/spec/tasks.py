@@ -8,6 +8,8 @@ from pydantic import Field, field_validator, model_serializer, model_validator
 
 from flowopd.spec import choices as C
 from flowopd.spec.fields import (
+    DecodeBatch,
+    MicroBatch,
     Name,
     NonNegFloat,
     NonNegInt,
@@ -18,7 +20,6 @@ from flowopd.spec.fields import (
     SpecPath,
     TinyTask,
     unique,
-    without_memory_defaults,
 )
 from flowopd.spec.model import SamplerSettings
 
@@ -158,8 +159,9 @@ class Task(Section):
         return getattr(self, self.reward) if self.reward in C.REWARD_SETTINGS else None
 
 
-class Evaluation(Section):
-    """Benchmarks: each task's test prompts, scored by its metric, for every seed."""
+class Evaluation(MicroBatch, DecodeBatch):
+    """Benchmarks: each task's test prompts, scored by its metric, for every seed. A sampling call holds 64 prompts
+    (tiny) or 8 (sd3); a micro_batch or decode_batch above that is the whole call."""
 
     benchmarks: tuple[Name, ...] | None = None
     """Tasks to evaluate, in report order; null or absent: all tasks, by name."""
@@ -169,15 +171,5 @@ class Evaluation(Section):
     """Prompts per benchmark; null: the task's whole test set."""
     grid_size: PositiveInt = 16
     """Images per sample grid in the report."""
-    # -- memory: how a batch is computed, not what (docs/gpu.md#micro-batches)
-    micro_batch: PositiveInt | None = None
-    """Prompts per transformer forward within a sampling call (CFG doubles the rows); null or larger than the call
-    (tiny: 64 prompts, sd3: 8): the whole call. The noise is drawn per call, so the images do not depend on it."""
-    decode_batch: PositiveInt | None = None
-    """Images per VAE decode; null or larger than a sampling call: the whole call."""
 
     _check_unique = field_validator("benchmarks", "seeds")(unique)
-
-    @model_serializer(mode="wrap")
-    def _omit_default_memory_settings(self, handler):
-        return without_memory_defaults(handler(self))

@@ -13,13 +13,15 @@ from flowopd.spec.fields import (
     Bool,
     Decay,
     Fraction,
+    GradientCheckpointing,
+    MicroBatch,
     Name,
     NonNegFloat,
     NonNegInt,
     PositiveFloat,
     PositiveInt,
     Section,
-    micro_batch_problem,
+    TrainingMemory,
     without_memory_defaults,
 )
 from flowopd.spec.model import LoraSettings, SamplerSettings
@@ -32,7 +34,7 @@ class EmaSettings(Section):
     every: PositiveInt = 8
 
 
-class GRPOSettings(Section):
+class GRPOSettings(TrainingMemory):
     """Flow-GRPO: group-relative advantages, PPO-clip, KL to the frozen base (docs/method.md#teachers-flow-grpo)."""
 
     group_size: Annotated[int, Field(strict=True, ge=2, le=INT_MAX)] = 8
@@ -56,16 +58,6 @@ class GRPOSettings(Section):
     lora: LoraSettings | None = None
     """Adapter to train; null: the model's lora (sd3) or all weights (tiny)."""
     checkpoint_every: PositiveInt = 50
-    # -- memory: how a step's batch is computed, not what (docs/gpu.md#micro-batches)
-    micro_batch: PositiveInt | None = None
-    """Samples per transformer forward, in the rollout and in the update (gradients accumulate over them; CFG
-    doubles the rows); null: this process's whole share. One split for both, so the first epoch's PPO ratio is 1."""
-    decode_batch: PositiveInt | None = None
-    """Images per VAE decode of a rollout; null: the whole share at once."""
-    reward_batch: PositiveInt | None = None
-    """Images per reward call; null: each task's images of the step at once."""
-    gradient_checkpointing: Bool = False
-    """Recompute the transformer's activations in the backward pass: far less memory, about a third more compute."""
 
     @model_validator(mode="after")
     def _sde_rollouts(self):
@@ -75,16 +67,9 @@ class GRPOSettings(Section):
             raise ValueError("GRPO needs sampler.steps >= 2 (the last step, to sigma 0, is never trained)")
         return self
 
-    @model_validator(mode="after")
-    def _micro_batches_fit(self):
-        problem = micro_batch_problem(self, self.prompts_per_step * self.group_size)
-        if problem:
-            raise ValueError(problem)
-        return self
-
-    @model_serializer(mode="wrap")
-    def _omit_default_memory_settings(self, handler):
-        return without_memory_defaults(handler(self))
+    def _batch_split(self):
+        return self.prompts_per_step * self.group_size, "prompts_per_step x group_size", (
+            "micro_batch", "decode_batch", "reward_batch")
 
 
 class GRPOMethod(GRPOSettings):
@@ -93,7 +78,7 @@ class GRPOMethod(GRPOSettings):
     kind: Literal["grpo"]
 
 
-class NFTMethod(Section):
+class NFTMethod(TrainingMemory):
     """DiffusionNFT (flowopd/methods/nft.py): flow matching on the policy's own samples, good ones against bad ones."""
 
     kind: Literal["nft"]
@@ -124,16 +109,6 @@ class NFTMethod(Section):
     lora: LoraSettings | None = None
     """Adapter to train; null: the model's lora (sd3) or all weights (tiny)."""
     checkpoint_every: PositiveInt = 50
-    # -- memory: how a step's batch is computed, not what (docs/gpu.md#micro-batches)
-    micro_batch: PositiveInt | None = None
-    """Samples per transformer forward, in the rollout and in the update (gradients accumulate over them; the
-    guided velocity's two branches are separate forwards); null: this process's whole share."""
-    decode_batch: PositiveInt | None = None
-    """Images per VAE decode of a rollout; null: the whole share at once."""
-    reward_batch: PositiveInt | None = None
-    """Images per reward call; null: each task's images of the step at once."""
-    gradient_checkpointing: Bool = False
-    """Recompute the transformer's activations in the backward pass: far less memory, about a third more compute."""
 
     @field_validator("sampler")
     @classmethod
@@ -143,16 +118,9 @@ class NFTMethod(Section):
                              "option) does nothing here; remove it")
         return value
 
-    @model_validator(mode="after")
-    def _micro_batches_fit(self):
-        problem = micro_batch_problem(self, self.prompts_per_step * self.group_size)
-        if problem:
-            raise ValueError(problem)
-        return self
-
-    @model_serializer(mode="wrap")
-    def _omit_default_memory_settings(self, handler):
-        return without_memory_defaults(handler(self))
+    def _batch_split(self):
+        return self.prompts_per_step * self.group_size, "prompts_per_step x group_size", (
+            "micro_batch", "decode_batch", "reward_batch")
 
 
 TeacherMethod = Annotated[GRPOMethod | NFTMethod, Field(discriminator="kind")]
@@ -229,7 +197,7 @@ class MergeColdStart(Section):
     scale: PositiveFloat = 1.0
 
 
-class SFTColdStart(Section):
+class SFTColdStart(TrainingMemory):
     """Student = base fine-tuned by flow matching on samples each teacher draws for its routed prompts."""
 
     method: Literal["sft"]
@@ -239,29 +207,15 @@ class SFTColdStart(Section):
     samples_per_prompt: PositiveInt = 4
     best_of_group: Bool = False
     """Keep only each prompt's best-reward sample."""
+    target_sampler: Literal[C.SFT_TARGET_SAMPLERS] = "evaluation"
+    """Which sampler draws the teachers' samples: evaluation, the evaluation's (its deterministic ODE, as in
+    Flow-GRPO-style SFT on teacher images); rollout, this section's `sampler`."""
     sampler: SamplerSettings = Field(default_factory=SamplerSettings)
+    """The teachers' sampler with target_sampler: rollout (the top-level rollout sampler and the keys set here)."""
     lora: LoraSettings | None = None
-    # -- memory: how a batch is computed, not what (docs/gpu.md#micro-batches)
-    micro_batch: PositiveInt | None = None
-    """Rows per transformer forward, in the teachers' sampling and in each fitting batch (gradients accumulate),
-    and prompts per text-encoder call; null: the whole sampling call, batch or prompt list."""
-    decode_batch: PositiveInt | None = None
-    """Images per VAE decode of the best-of-group scoring; null: the process's share at once."""
-    reward_batch: PositiveInt | None = None
-    """Images per reward call of the best-of-group scoring; null: each task's images at once."""
-    gradient_checkpointing: Bool = False
-    """Recompute the transformer's activations in the backward pass: far less memory, about a third more compute."""
 
-    @model_validator(mode="after")
-    def _micro_batches_fit(self):
-        problem = micro_batch_problem(self, self.batch_size, "batch_size", names=("micro_batch",))
-        if problem:
-            raise ValueError(problem)
-        return self
-
-    @model_serializer(mode="wrap")
-    def _omit_default_memory_settings(self, handler):
-        return without_memory_defaults(handler(self))
+    def _batch_split(self):  # decode_batch and reward_batch split the best-of-group scoring, not a fitting batch
+        return self.batch_size, "batch_size", ("micro_batch",)
 
 
 class NoColdStart(Section):
@@ -291,7 +245,7 @@ class QuerySettings(Section):
         return value
 
 
-class OPDSettings(Section):
+class OPDSettings(MicroBatch, GradientCheckpointing):
     """Multi-teacher on-policy distillation: the routed teacher's step at the student's own states."""
 
     estimator: Literal[C.ESTIMATORS] = "sampled"
@@ -323,20 +277,9 @@ class OPDSettings(Section):
     ema: EmaSettings | None = Field(default_factory=EmaSettings)
     lora: LoraSettings | None = None
     checkpoint_every: PositiveInt = 50
-    # -- memory: how a step's batch is computed, not what (docs/gpu.md#micro-batches)
-    micro_batch: PositiveInt | None = None
-    """Samples per forward, in the rollout, the teachers' and the anchor's targets and the update (gradients
-    accumulate over them; CFG doubles the rows); null: this process's whole share. One split for the rollout and
-    the update, so the first epoch's PPO ratio is 1."""
-    gradient_checkpointing: Bool = False
-    """Recompute the transformer's activations in the backward pass: far less memory, about a third more compute."""
 
-    @model_validator(mode="after")
-    def _micro_batches_fit(self):
-        problem = micro_batch_problem(self, self.prompts_per_step * self.group_size, names=("micro_batch",))
-        if problem:
-            raise ValueError(problem)
-        return self
+    def _batch_split(self):
+        return self.prompts_per_step * self.group_size, "prompts_per_step x group_size", ("micro_batch",)
 
     @model_validator(mode="after")
     def _element_credit_has_no_reward_to_go(self):

@@ -7,21 +7,27 @@ processes each one samples its contiguous share of the same global batch (flowop
 
 Rewards: reward k scores the samples whose prompt comes from task k; group advantages normalise them per prompt
 (docs/method.md#teachers-flow-grpo):  A = (R - mean_group) / (std + 1e-4), std over the group or the whole step, clipped.
+A reward that waits on a server (`reward: remote`) scores each decoded chunk (`decode_batch`) on a small thread pool
+while the rollout decodes the next chunks and the in-process rewards score (RemoteScoring); the scores are collected
+into their rows before the advantages. In-process rewards score on the caller's thread, as before.
 """
 
 from __future__ import annotations
 
+import functools
 import time
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from flowopd.flow.sampler import Trajectory, sample
-from flowopd.models.bundle import Condition, micro_batched_decode, micro_batched_scores
+from flowopd.models.bundle import Condition, micro_batched_decode, micro_batched_scores, micro_batches
 from flowopd.runtime.processes import Processes
 from flowopd.train.streams import NOISE_STREAM, PROMPT_STREAM, step_generator, step_rng
 
 ADV_EPS = 1e-4
+SCORING_THREADS = 4  # requests to reward servers in flight at once while a rollout decodes
 
 
 @dataclass
@@ -33,20 +39,42 @@ class Rollout:
     cond: Condition  # (N, ...)
     trajectory: Trajectory  # latents (T+1, N, ...); log_probs (T, N) and means under the rollout policy (SDE)
     images: np.ndarray | None  # (N, H, W, 3) uint8, None when not decoded
+    pending: list[Future] = field(default_factory=list)  # remote scores of decoded chunks (RemoteScoring)
+
+
+def step_prompts(n_prompts: int, prompts_per_step: int, group_size: int, seed: int, step: int,
+                 processes: Processes) -> tuple[np.ndarray, slice, slice]:
+    """Step `step`'s draw from a pool of n_prompts: the P chosen prompts (pool indices), this process's rows of the
+    P x G samples, and the span of the chosen prompts those rows sample."""
+    rng = step_rng(seed, PROMPT_STREAM, step)
+    chosen = rng.choice(n_prompts, size=prompts_per_step, replace=prompts_per_step > n_prompts)
+    rows = processes.rows(prompts_per_step * group_size)
+    return chosen, rows, slice(rows.start // group_size, -(-rows.stop // group_size))
+
+
+def rollout_texts(prompts: list, prompts_per_step: int, group_size: int, steps: int, seed: int,
+                  processes: Processes) -> list[str]:
+    """Every prompt text this process's rollouts of steps 0 .. steps - 1 encode, once each: what a bundle that
+    caches embeddings embeds before its text encoders go (flowopd.models.bundle.embed_and_release)."""
+    texts = {}
+    for step in range(steps):
+        chosen, _, mine = step_prompts(len(prompts), prompts_per_step, group_size, seed, step, processes)
+        texts.update(dict.fromkeys(prompts[i].text for i in chosen[mine]))
+    return list(texts)
 
 
 def draw_rollout(bundle, prompts: list, prompt_tasks: np.ndarray, sampler, prompts_per_step: int, group_size: int,
                  seed: int, step: int, processes: Processes, decode: bool = True, transformer=None,
-                 micro_batch: int | None = None, decode_batch: int | None = None) -> Rollout:
+                 micro_batch: int | None = None, decode_batch: int | None = None, on_decoded=None) -> Rollout:
     """Step `step`'s rollout of `bundle` (no grad, eval mode); `decode`: also the images the rewards score;
     `transformer`: sample another copy of the transformer than the bundle's (NFT's sampling policy).
-    micro_batch / decode_batch: samples per transformer forward / per VAE decode (None: this process's share)."""
-    rng = step_rng(seed, PROMPT_STREAM, step)
-    chosen = rng.choice(len(prompts), size=prompts_per_step, replace=prompts_per_step > len(prompts))
-    cond = bundle.encode([prompts[i].text for i in chosen]).repeat_interleave(group_size)
-    rows = processes.rows(len(cond))
+    micro_batch / decode_batch: samples per transformer forward / per VAE decode (None: this process's share).
+    on_decoded(rows, images, prompts, tasks) -> futures: called with each decoded chunk (RemoteScoring.submit)."""
+    chosen, rows, mine = step_prompts(len(prompts), prompts_per_step, group_size, seed, step, processes)
+    cond = bundle.encode([prompts[i].text for i in chosen[mine]]).repeat_interleave(group_size)  # this process's
     if processes.count > 1:
-        cond = cond.index(rows)
+        first = mine.start * group_size
+        cond = cond.index(slice(rows.start - first, rows.stop - first))
     bundle.transformer.eval()
     x, trajectory = sample(
         bundle, cond, steps=sampler.steps, shift=sampler.shift, cfg=sampler.cfg, noise_level=sampler.noise_level,
@@ -56,7 +84,14 @@ def draw_rollout(bundle, prompts: list, prompt_tasks: np.ndarray, sampler, promp
     )
     samples = [prompts[i] for i in chosen for _ in range(group_size)][rows]
     tasks = np.repeat(np.asarray(prompt_tasks)[chosen], group_size)[rows]
-    return Rollout(samples, tasks, cond, trajectory, micro_batched_decode(bundle, x, decode_batch) if decode else None)
+    if not decode or on_decoded is None:
+        images = micro_batched_decode(bundle, x, decode_batch) if decode else None
+        return Rollout(samples, tasks, cond, trajectory, images)
+    chunks, pending = [], []
+    for part in micro_batches(len(x), decode_batch):  # each chunk's scoring starts before the next is decoded
+        chunks.append(micro_batched_decode(bundle, x[part]))
+        pending += on_decoded(part, chunks[-1], samples[part], tasks[part])
+    return Rollout(samples, tasks, cond, trajectory, np.concatenate(chunks), pending)
 
 
 def trained_steps(sampler_steps: int, fraction: float, rng: np.random.Generator, stochastic=None) -> list[int]:
@@ -74,12 +109,12 @@ def trained_steps(sampler_steps: int, fraction: float, rng: np.random.Generator,
 # ---------------------------------------------------------------- rewards of a rollout
 def score_matrix(images: np.ndarray, prompts: list, tasks: np.ndarray, rewards: list,
                  batch: int | None = None) -> np.ndarray:
-    """(N, K) scores: reward k scores the samples whose prompt comes from task k; NaN elsewhere. batch: images per
-    reward call (None: each task's at once)."""
+    """(N, K) scores: reward k scores the samples whose prompt comes from task k; NaN elsewhere (and in the column
+    of a reward given as None: RemoteScoring fills it). batch: images per reward call (None: each task's at once)."""
     scores = np.full((len(prompts), len(rewards)), np.nan)
     for k, reward in enumerate(rewards):
         rows = np.flatnonzero(tasks == k)
-        if len(rows):
+        if len(rows) and reward is not None:
             scores[rows, k] = micro_batched_scores(reward, images[rows], [prompts[i] for i in rows], batch)["score"]
     return scores
 
@@ -132,6 +167,49 @@ def mixed_advantages(
     return np.clip(advantages, -clip, clip), kept
 
 
+def waits_on_network(reward) -> bool:
+    """A reward whose calls wait on a server (flowopd.rewards.RemoteReward): worth running on a thread."""
+    return bool(getattr(reward, "waits_on_network", False))
+
+
+class RemoteScoring:
+    """Scores a rollout's decoded chunks with the rewards that wait on a server, on a small thread pool, so network
+    time hides behind decoding the next chunks and the in-process rewards; collect() puts each chunk's scores into
+    its rows, so the order never depends on which answer comes first. The trainers ask for "score" alone (a server
+    may skip the rest: GenEval's only_strict behind reward-server)."""
+
+    def __init__(self, rewards: list, batch: int | None):
+        self.rewards = {k: reward for k, reward in enumerate(rewards) if waits_on_network(reward)}
+        self.batch = batch
+        self.pool = ThreadPoolExecutor(SCORING_THREADS, thread_name_prefix="reward-scoring")
+
+    def submit(self, part: slice, images: np.ndarray, prompts: list, tasks: np.ndarray) -> list[Future]:
+        """Futures of (rows, k, scores) for one chunk: `part` its rows in the rollout, one future per reward."""
+        futures = []
+        for k, reward in self.rewards.items():
+            mine = np.flatnonzero(tasks == k)
+            if len(mine):
+                futures.append(self.pool.submit(self.score_rows, reward, k, part.start + mine, images[mine],
+                                                [prompts[i] for i in mine]))
+        return futures
+
+    def score_rows(self, reward, k: int, rows: np.ndarray, images: np.ndarray, prompts: list):
+        scored = micro_batched_scores(functools.partial(reward, metrics=("score",)), images, prompts, self.batch)
+        return rows, k, scored["score"]
+
+    @staticmethod
+    def collect(futures: list[Future], scores: np.ndarray) -> None:
+        """Wait for every chunk's scores and write them into `scores` (N, K); the first failure is raised once the
+        chunks not yet started are cancelled."""
+        try:
+            for future in futures:
+                rows, k, values = future.result()
+                scores[rows, k] = values
+        finally:
+            for future in futures:
+                future.cancel()
+
+
 class RewardRollouts:
     """What a reward-trained policy (GRPO, NFT) does around its update: roll out, score, normalise, then
     `update(rollout, advantages, kept, step) -> stats` (the subclass's) and the curve row. Needs bundle, settings
@@ -143,17 +221,32 @@ class RewardRollouts:
 
     def rollout(self, step: int) -> Rollout:
         s = self.settings
+        remote = self.remote_scoring
         return draw_rollout(self.bundle, self.prompts, self.prompt_tasks, s.sampler, s.prompts_per_step,
                             s.group_size, self.seed, step, self.processes, transformer=self.sampling_transformer(),
-                            micro_batch=s.micro_batch, decode_batch=s.decode_batch)
+                            micro_batch=s.micro_batch, decode_batch=s.decode_batch,
+                            on_decoded=remote.submit if remote is not None else None)
+
+    @functools.cached_property
+    def remote_scoring(self) -> RemoteScoring | None:
+        """Threads for the rewards that wait on a server; None when every reward runs in process."""
+        if not any(waits_on_network(reward) for reward in self.rewards):
+            return None
+        return RemoteScoring(self.rewards, self.settings.reward_batch)
 
     def sampling_transformer(self):
         """The transformer the rollouts sample (None: the bundle's own, the policy being trained)."""
         return None
 
     def score(self, rollout: Rollout) -> np.ndarray:
-        """(N, K) scores of the whole batch: each process scores its own rows, then they are gathered."""
-        scores = score_matrix(rollout.images, rollout.prompts, rollout.tasks, self.rewards, self.settings.reward_batch)
+        """(N, K) scores of the whole batch: each process scores its own rows, then they are gathered. The in-process
+        rewards score here while the remote ones' chunks (submitted as they were decoded) finish on their threads."""
+        remote = self.remote_scoring
+        in_process = self.rewards if remote is None else [None if k in remote.rewards else reward
+                                                          for k, reward in enumerate(self.rewards)]
+        scores = score_matrix(rollout.images, rollout.prompts, rollout.tasks, in_process, self.settings.reward_batch)
+        if remote is not None:
+            remote.collect(rollout.pending, scores)
         return self.processes.gather(scores)
 
     def advantages(self, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -31,7 +31,9 @@ PROMPTS = {  # Flow-GRPO's file layout under data/sd3/, a few prompts each
     "pickscore/test.txt": ["a quiet harbour", "a snowy street"],
     "drawbench/test.txt": ["a blue cube on a green sphere", "an elephant under the sea"],
 }
-SMALL = {"steps": 2, "prompts_per_step": 1, "group_size": 2, "checkpoint_every": 1}
+# micro-batches of 1 (the shipped 16 and 8 would not split a batch of 2): the split path runs end to end
+SMALL = {"steps": 2, "prompts_per_step": 1, "group_size": 2, "checkpoint_every": 1, "micro_batch": 1}
+SMALL_DECODE = {"decode_batch": 1, "reward_batch": 2}
 
 
 @pytest.fixture(scope="module")
@@ -59,13 +61,13 @@ def small_sd3_specs(servers: dict) -> dict[str, str]:
         "tasks": {"geneval": {"remote": {"url": servers["geneval"], "timeout": 30.0, "batch_size": 8}},
                   "deqa": {"remote": {"url": servers["deqa"], "timeout": 30.0, "batch_size": 8}},
                   "pickscore": {"pickscore": {"model": "models/PickScore_v1", "processor": None, "batch_size": 4}}},
-        "teachers": {name: {"method": SMALL} for name in main["teachers"]},
-        "baseline": {"method": SMALL},
+        "teachers": {name: {"method": SMALL | SMALL_DECODE} for name in main["teachers"]},
+        "baseline": {"method": SMALL | SMALL_DECODE},
         "opd": SMALL,
         "evaluation": {"n_prompts": 2, "grid_size": 2, "sampler": {"steps": 2}},
     })
     sft = yaml.safe_load((ROOT / "specs/sd3/sft_init.yaml").read_text())
-    sft["cold_start"] |= {"steps": 2, "batch_size": 2, "samples_per_prompt": 2}
+    sft["cold_start"] |= {"steps": 2, "batch_size": 2, "samples_per_prompt": 2, "micro_batch": 1, **SMALL_DECODE}
     return {"sd3/flow_opd.yaml": yaml.safe_dump(main, sort_keys=False), "sd3/sft_init.yaml": yaml.safe_dump(sft),
             "sd3/no_mar.yaml": (ROOT / "specs/sd3/no_mar.yaml").read_text()}
 

@@ -55,12 +55,12 @@ def test_sd3_tasks_prompts_and_rewards():
     spec = load_spec(MAIN)
     tasks = spec.tasks
     assert {n: (t.reward, t.metric, t.normaliser) for n, t in tasks.items()} == {
-        "geneval": ("remote", "strict", 1.0), "ocr": ("ocr", "score", 1.0), "pickscore": ("pickscore", "score", 26.0),
+        "geneval": ("remote", "correct", 1.0), "ocr": ("ocr", "score", 1.0), "pickscore": ("pickscore", "score", 26.0),
         "deqa": ("remote", "score", 5.0)}  # the paper's Avg: GenEval, OCR, DeQA / 5, PickScore / 26
     assert tasks["geneval"].prompts.format == "geneval_jsonl"
     assert all(t.prompts.kind == "file" and t.prompts.train.startswith("data/sd3/") for t in tasks.values())
     assert {t.prompts.format for n, t in tasks.items() if n != "geneval"} == {"lines"}
-    assert tasks["geneval"].remote.metrics == ("score", "strict") and tasks["deqa"].remote.timeout == 120.0
+    assert tasks["geneval"].remote.metrics == ("score", "strict", "correct") and tasks["deqa"].remote.timeout == 120.0
     assert tasks["pickscore"].pickscore.model == "models/PickScore_v1" and tasks["ocr"].ocr is not None
     assert spec.baseline.weights == {"geneval": 3.0, "ocr": 1.0, "pickscore": 1.0}  # GRPO-Mix 3 : 1 : 1
     assert spec.baseline.advantage == "per_reward"  # scale-free across raw PickScore and 0-1 accuracies
@@ -99,7 +99,7 @@ def edited(dotted: str, value) -> dict:
     ("tasks.deqa.remote", None, "tasks.deqa: reward 'remote' needs its settings: add a `remote` mapping"),
     ("tasks.pickscore.pickscore", None, "tasks.pickscore: reward 'pickscore' needs its settings"),
     ("tasks.ocr.pickscore", {"model": "m"}, "tasks.ocr: `pickscore` settings given but reward is 'ocr'"),
-    ("tasks.geneval.metric", "accuracy", "tasks.geneval: reward 'remote' has no metric 'accuracy' (it has: score, strict)"),
+    ("tasks.geneval.metric", "accuracy", "tasks.geneval: reward 'remote' has no metric 'accuracy' (it has: score, strict, correct)"),
     ("tasks.deqa.remote", {"url": "http://h:1", "metrics": ["quality"]},
      'tasks.deqa.remote.metrics: must include "score"'),
     ("tasks.deqa.remote", {"url": "ftp://h:1"}, "tasks.deqa.remote.url: String should match pattern"),
