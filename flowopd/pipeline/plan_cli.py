@@ -5,21 +5,11 @@ from __future__ import annotations
 
 import sys
 
-import yaml
-
-from flowopd.spec.errors import SpecError
-from flowopd.spec.validation import load_spec
+from flowopd.spec.validation import load_spec_or_exit
 
 
 def cmd_plan(args) -> int:
-    try:
-        spec = load_spec(args.path)
-    except SpecError as err:
-        print(err, file=sys.stderr)
-        return 1
-    except (OSError, yaml.YAMLError) as err:
-        print(f"{args.path}: {err}", file=sys.stderr)
-        return 1
+    spec = load_spec_or_exit(args.path)  # a missing file or bad YAML is a SpecError too
     if args.gpu_memory <= 0 or args.gpus < 1:
         print("--gpu-memory must be > 0 GB and --gpus >= 1", file=sys.stderr)
         return 1

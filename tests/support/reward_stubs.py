@@ -86,7 +86,13 @@ class StubHandler(BaseHTTPRequestHandler):
 @contextlib.contextmanager
 def serving(scorer, **options):
     """RewardHTTPServer(scorer) on 127.0.0.1 (a free port) for the block; yields the server (its .url)."""
-    server = RewardHTTPServer(("127.0.0.1", 0), scorer, quiet=True, **options)
+    with running(RewardHTTPServer(("127.0.0.1", 0), scorer, quiet=True, **options)) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def running(server):
+    """An HTTP server serving on a daemon thread for the block, shut down and closed after it."""
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
     try:
@@ -170,10 +176,5 @@ def reward_server_stand_in(kind: str):
     server.daemon_threads = True
     server.kind, server.payloads, server.reply, server.alive = kind, [], None, True
     server.url = f"http://127.0.0.1:{server.server_address[1]}/"
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    try:
+    with running(server):
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
