@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from flowopd.results import bootstrap
 from flowopd.results.ledger import TABLES, Rows, collect, connect, insert
-from flowopd.results.tables import LATEST_SQL, load_runs
+from flowopd.results.tables import LATEST_SQL, load_runs, training_seed_sql
 
 BENCHMARKS = ("text", "objects", "quality", "counting", "position")
 PROMPTS, CURRENT = 64, 6  # per-sample scores: prompts per benchmark, for the latest CURRENT runs
@@ -103,6 +103,9 @@ def synthetic_tables(runs: int, metrics: int, seeds: int, rng) -> dict[str, pa.T
     }
     tables = {}
     for name, empty in schema.items():
+        if name not in columns:  # a table this benchmark does not fill (budgets: training runs only)
+            tables[name] = empty
+            continue
         arrays = [pa.array(columns[name][c], type=empty.schema.field(c).type) if c in columns[name]
                   else pa.nulls(len(next(iter(columns[name].values()))), type=empty.schema.field(c).type)
                   for c in TABLES[name]]
@@ -121,7 +124,8 @@ def write_shards(root: Path, count: int, metrics: int, seeds: int, rng) -> list[
         folder.mkdir(parents=True)
         scores = rng.random((len(BENCHMARKS), per_bench, seeds, PROMPTS))
         benchmarks = {b: {"n": PROMPTS, "headline": "m0", "metrics": {
-            f"m{j}": {"seeds": {str(s): float(scores[i, j, s].mean()) for s in range(seeds)}, "mean": 0.5, "std": 0.1}
+            f"m{j}": {"seeds": {str(s): float(scores[i, j, s].mean()) for s in range(seeds)},
+                      "mean": float(scores[i, j].mean(axis=1).mean()), "std": float(scores[i, j].mean(axis=1).std())}
             for j in range(per_bench)}} for i, b in enumerate(BENCHMARKS)}
         (folder / "metrics.json").write_text(json.dumps({"benchmarks": benchmarks, "headline": {}}))
         (folder / "spec.json").write_text(json.dumps(spec))
@@ -176,7 +180,8 @@ def main():
             print(f"report query (6 current runs among {args.runs:,}, their samples, bootstrap intervals, main "
                   f"table): {query_s:.3f} s")
             spec = f"{3:064x}"
-            latest, latest_s = timed(lambda: con.execute(LATEST_SQL, [spec, spec]).fetchall())
+            query = LATEST_SQL.replace("{seed}", training_seed_sql(con))
+            latest, latest_s = timed(lambda: con.execute(query, [spec, spec]).fetchall())
             print(f"compare query (latest run per model of one spec, {len(latest)} rows): {latest_s:.3f} s")
         if args.files:
             folders, write_s = timed(lambda: write_shards(workdir / "shards", args.files, args.metrics, args.seeds,
@@ -189,8 +194,10 @@ def main():
             print(f"ingest of {args.files} shard folders: read + check {read_s:.2f} s, insert {insert_s:.2f} s: "
                   f"{args.files / (read_s + insert_s):,.0f} shards/s, {n_rows / (read_s + insert_s):,.0f} rows/s")
         for prompts in (PROMPTS, args.prompts):
-            cells = {(m, b): (bootstrap.Design(b, tuple((k, f"p{k}") for k in range(prompts)), tuple(range(args.seeds))),
-                              rng.random(prompts)) for m in range(12) for b in BENCHMARKS}
+            design = lambda b, prompts=prompts: bootstrap.Design(
+                b, tuple(f"p{k}" for k in range(prompts)), (1,) * prompts, tuple(range(args.seeds)))
+            cells = {(m, b): (design(b), bootstrap.Training((0,)), rng.random((1, prompts)))
+                     for m in range(12) for b in BENCHMARKS}
             estimates, boot_s = timed(lambda cells=cells: bootstrap.estimate(cells))
             intervals, quantile_s = timed(lambda found=estimates: [bootstrap.interval(e.draws) for e in found.values()])
             print(f"bootstrap of 12 models x {len(BENCHMARKS)} benchmarks x {prompts} prompts, "

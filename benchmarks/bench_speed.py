@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_speed.py [--base DIR --data DIR] [--code REV_OR_DIR ...] [--repeat 3]
 
 Units (each a rate; the main spec's sizes, `specs/flow_opd.yaml` of the checkout measured):
-    sample    ODE sampling of 256 images with the evaluation's sampler (`generate`)       images/s
+    sample    ODE sampling of 256 images with the evaluation's sampler and dtype (`generate`)  images/s
     eval      the evaluation of the text task's test set (every seed; sampling + OCR)     images/s
     teacher   one teacher step (DiffusionNFT, the text teacher; first step not counted)   steps/s
     opd       one OPD step (the base as init, teachers and anchor; first step not counted)  steps/s
@@ -104,7 +104,12 @@ def run_unit(unit: str, base: Path, data: Path, scratch: Path) -> float:
         prompts = [SimpleNamespace(text=json.loads(line)["text"]) for line in lines]
         bundle = find("load_model")(spec, base)
         start = time.perf_counter()
-        images = find("generate")(bundle, prompts, spec.evaluation.sampler, seed=0)
+        try:  # the evaluation's precision, where the checkout has the setting
+            from flowopd.models.bundle import sampling_transformer
+            extra = {"transformer": sampling_transformer(bundle, spec.evaluation.dtype)}
+        except (ImportError, AttributeError):
+            extra = {}
+        images = find("generate")(bundle, prompts, spec.evaluation.sampler, seed=0, **extra)
         assert images.shape[0] == len(prompts) == 256
         return len(prompts) / (time.perf_counter() - start)
     if unit == "eval":

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from flowopd.evaluation.exploits import prompt_ignoring
 from flowopd.flow.sampler import sample
-from flowopd.models.bundle import micro_batched_decode
+from flowopd.models.bundle import micro_batched_decode, sampling_transformer
 from flowopd.rewards import task_reward
 from flowopd.runtime.artifacts import write_json
 from flowopd.runtime.processes import Processes
@@ -39,10 +39,11 @@ EVAL_BATCH = {"tiny": 64, "sd3": 8}  # prompts per sampling call (the noise depe
 
 @torch.no_grad()
 def generate(bundle, prompts, sampler, seed: int, batch_size: int = 64, progress=None, first: int = 0,
-             micro_batch: int | None = None, decode_batch: int | None = None) -> np.ndarray:
+             micro_batch: int | None = None, decode_batch: int | None = None, transformer=None) -> np.ndarray:
     """Images for `prompts` with the spec's sampler; the batch starting at prompt i of the benchmark draws its
     noise from seed and i (`first`: the index of prompts[0] in the benchmark's list). micro_batch / decode_batch:
-    prompts per transformer forward / images per VAE decode within a batch (None: the whole batch)."""
+    prompts per transformer forward / images per VAE decode within a batch (None: the whole batch). transformer:
+    the one that samples (flowopd.models.bundle.sampling_transformer; None: the bundle's)."""
     chunks = []
     for start in range(0, len(prompts), batch_size):
         texts = [p.text for p in prompts[start : start + batch_size]]
@@ -56,6 +57,7 @@ def generate(bundle, prompts, sampler, seed: int, batch_size: int = 64, progress
             noise_level=sampler.noise_level,
             generator=generator,
             micro_batch=micro_batch,
+            transformer=transformer,
         )
         chunks.append(micro_batched_decode(bundle, x, decode_batch))
         if progress is not None:
@@ -108,14 +110,15 @@ class ScoredBatches:
 
 
 def scored_batch(bundle, reward, batch: list, evaluation, seed: int, size: int, start: int, task: str,
-                 kept: ScoredBatches) -> tuple[dict, np.ndarray]:
+                 kept: ScoredBatches, transformer=None) -> tuple[dict, np.ndarray]:
     """({metric: scores}, images) of the benchmark's batch at `start`: what `kept` holds of it, the rest sampled
     and scored (and kept as soon as it is)."""
     texts = [p.text for p in batch]
     images, scores = kept.load(task, seed, start, texts)
     if images is None:
         images = generate(bundle, batch, evaluation.sampler, seed, size, first=start,
-                          micro_batch=evaluation.micro_batch, decode_batch=evaluation.decode_batch)
+                          micro_batch=evaluation.micro_batch, decode_batch=evaluation.decode_batch,
+                          transformer=transformer)
         kept.keep(task, seed, start, texts, images)
     if scores is None:
         scores = {metric: np.asarray(values, dtype=np.float64) for metric, values in reward(images, batch).items()}
@@ -146,6 +149,7 @@ def evaluate(bundle, spec, prompts_folder: Path, out: Path | None, progress: boo
     the main one); return the metrics record. kept: the finished batches of an earlier failed run (module docstring)."""
     evaluation, processes, kept = spec.evaluation, processes or Processes(), kept or ScoredBatches(None)
     size = EVAL_BATCH[spec.model.kind]
+    transformer = sampling_transformer(bundle, evaluation.dtype)
     benchmarks = {}
     sample_rows = []
     for task_name in evaluation.benchmarks:
@@ -159,7 +163,8 @@ def evaluate(bundle, spec, prompts_folder: Path, out: Path | None, progress: boo
             mine = []  # (first prompt index, {metric: scores}, images) of this process's batches
             for start in range(size * processes.index, len(prompts), size * processes.count):
                 batch = prompts[start : start + size]
-                scores, images = scored_batch(bundle, reward, batch, evaluation, seed, size, start, task_name, kept)
+                scores, images = scored_batch(bundle, reward, batch, evaluation, seed, size, start, task_name, kept,
+                                              transformer)
                 mine.append((start, scores, images))
                 bar.update(len(batch) * processes.count)
             parts = sorted((part for shares in processes.gather_objects(mine) for part in shares),

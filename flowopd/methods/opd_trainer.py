@@ -47,7 +47,7 @@ from flowopd.methods.opd_objectives import (
     velocity_gap,
     velocity_mse,
 )
-from flowopd.models.bundle import micro_batches
+from flowopd.models.bundle import Condition, micro_batches
 from flowopd.runtime.processes import Processes
 from flowopd.spec.choices import PPO_ESTIMATORS
 from flowopd.train.policy import step_log_prob
@@ -136,12 +136,29 @@ class OPDTrainer(Trainer):
     @torch.no_grad()
     def targets(self, rollout, t: int, cfg: float) -> tuple[Tensor, Tensor | None, Tensor]:
         """(mu_T, mu_A or None, std) at trained step t, the step means of the targets' velocities."""
+        return self.step_targets(rollout, [t], cfg)[t]
+
+    @torch.no_grad()
+    def step_targets(self, rollout, steps: list[int], cfg: float) -> dict[int, tuple[Tensor, Tensor | None, Tensor]]:
+        """{t: (mu_T, mu_A or None, std)} at every trained step t. The targets' forwards are batched over the
+        steps (sigma per row): each teacher sees its rows of all trained steps at once, in micro-batches of at most
+        `micro_batch` rows, instead of a few rows per step (a forward over 4 rows costs 1.5x per row what one over
+        20 does on 2 CPU cores)."""
         traj, noise_level = rollout.trajectory, self.settings.sampler.noise_level
-        x, sigma, sigma_next = traj.latents[t], traj.sigmas[t].item(), traj.sigmas[t + 1].item()
-        v_teacher, v_anchor = self.target_velocities(x, sigma, rollout.cond, rollout.tasks, cfg)
-        teacher_mean, std = sde_step_mean_std(x, v_teacher, sigma, sigma_next, noise_level)
-        anchor_mean = None if v_anchor is None else sde_step_mean_std(x, v_anchor, sigma, sigma_next, noise_level)[0]
-        return teacher_mean, anchor_mean, std
+        batch = traj.latents.shape[1]
+        x = traj.latents[steps].flatten(0, 1)  # (len(steps) B, ...): step-major, like the tiles below
+        sigma = traj.sigmas[steps].repeat_interleave(batch)
+        cond = Condition.cat([rollout.cond] * len(steps))
+        v_teacher, v_anchor = self.target_velocities(x, sigma, cond, np.tile(rollout.tasks, len(steps)), cfg)
+        out = {}
+        for i, t in enumerate(steps):
+            rows, sigma_t, sigma_next = slice(i * batch, (i + 1) * batch), traj.sigmas[t].item(), \
+                traj.sigmas[t + 1].item()
+            teacher_mean, std = sde_step_mean_std(x[rows], v_teacher[rows], sigma_t, sigma_next, noise_level)
+            anchor_mean = None if v_anchor is None else \
+                sde_step_mean_std(x[rows], v_anchor[rows], sigma_t, sigma_next, noise_level)[0]
+            out[t] = (teacher_mean, anchor_mean, std)
+        return out
 
     # -- 3. rewards -------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -200,7 +217,7 @@ class OPDTrainer(Trainer):
         common = {"cfg": cfg, "noise_level": noise_level, "reduction": reduction}
         steps = trained_steps(sampler.steps, s.timestep_fraction, step_rng(self.seed, TIMESTEP_STREAM, step))
         t0 = time.perf_counter()
-        targets = {t: self.targets(rollout, t, cfg) for t in steps}
+        targets = self.step_targets(rollout, steps, cfg)
         advantages, processes = None, self.processes
         element = s.credit == "element" and s.estimator in PPO_ESTIMATORS  # per-element rewards and ratios
         if s.estimator in PPO_ESTIMATORS:

@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from flowopd.models.tiny import TinyBundle, build_vocab
+from flowopd.runtime.records import tally
 from flowopd.world import TASKS, WorldConfig, all_prompts, corrupt_prompt, degrade, render, render_bad_mode
 from flowopd.world.prompt_sets import world_config
 
@@ -125,6 +126,7 @@ def pretrain(spec, progress: bool = True) -> tuple[TinyBundle, list[dict]]:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
+        tally("optimizer_steps")
         ema.update(params)
         curve.append({"step": step, "loss": loss.item(), "seconds": time.perf_counter() - start})
         if step % 10 == 0:

@@ -20,6 +20,7 @@ from flowopd.models.bundle import embed_and_release
 from flowopd.models.loading import load_bundle, weights_sha
 from flowopd.runtime.artifacts import now
 from flowopd.runtime.processes import Processes
+from flowopd.runtime.records import Meter
 from flowopd.train.rollouts import rollout_texts
 from flowopd.train.trainer import lora_settings, run_training
 
@@ -59,8 +60,8 @@ REWARD_TRAINERS = {"grpo": grpo_trainer, "nft": nft_trainer}
 def run_reward_phase(spec, phase: str, sub_spec: dict, method, base_dir: Path | None, out: Path,
                      curve_path: Path | None, progress: bool, pool: RewardPool, provenance: dict) -> None:
     """Train `method` (a teacher's or the baseline's `method` section) on `pool` from the starting model and write
-    the artifact `out` atomically (weights, curve, provenance; resumes from `<out>.ckpt`)."""
-    started, start = now(), time.time()
+    the artifact `out` atomically (weights, curve, provenance and budget; resumes from `<out>.ckpt`)."""
+    started, start, meter = now(), time.time(), Meter()
     processes = Processes.from_environment()
     bundle = load_bundle(spec, base_dir, processes.device)
     texts = rollout_texts(pool.prompts, method.prompts_per_step, method.group_size, method.steps, spec.seed, processes)
@@ -73,4 +74,5 @@ def run_reward_phase(spec, phase: str, sub_spec: dict, method, base_dir: Path | 
                  inputs={"base_sha256": base_sha, "prompts": prompt_digest},
                  provenance={**provenance, "base_dir": None if base_dir is None else str(base_dir),
                              "base_sha256": base_sha},
-                 started=started, start=start, curve_path=curve_path, progress=progress)
+                 started=started, start=start, curve_path=curve_path, progress=progress, meter=meter,
+                 parents=[base_dir])

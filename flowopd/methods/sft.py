@@ -32,6 +32,7 @@ from flowopd.models.bundle import (
     micro_batches,
 )
 from flowopd.runtime.processes import Processes
+from flowopd.runtime.records import tally
 from flowopd.train.losses import flow_matching_draws, flow_matching_loss
 from flowopd.train.policy import enable_gradient_checkpointing, make_optimizer, prepare_policy
 from flowopd.train.streams import SFT_SAMPLE_STREAM, SFT_TRAIN_STREAM, step_generator
@@ -75,6 +76,7 @@ def teacher_samples(teachers: dict, prompts: list, routes: list[str], sampler, s
                        window=sampler.sde_window, micro_batch=micro_batch).cpu()
             if share[1] > 1:
                 x = torch.cat(processes.gather_objects(x))
+            tally("images", len(part) if share[1] > 1 else len(chunk) if processes.is_main else 0)  # each image once
             if out is None:
                 out = torch.empty((total, *x.shape[1:]), dtype=x.dtype)
             out[torch.as_tensor(chunk)] = x
@@ -142,6 +144,7 @@ def sft(bundle, x0: Tensor, texts: list[str], settings, seed: int, cfg_dropout: 
         processes.sum_gradients(params)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
+        tally("optimizer_steps", int(processes.is_main))  # one step of the model, however many processes took it
         value = processes.sum([total])[0]  # the whole batch's loss
         curve.append({"step": step, "loss": value, "seconds": round(time.perf_counter() - start, 3)})
         bar.set_postfix(loss=f"{value:.4f}")

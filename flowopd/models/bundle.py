@@ -6,12 +6,15 @@ Velocity convention (diffusers SD3): x_s = (1 - s) x0 + s e, target v = e - x0.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from flowopd.runtime.records import tally
 
 
 @dataclass
@@ -70,6 +73,7 @@ def transformer_velocity(transformer, x: Tensor, sigma, cond: Condition, null: C
     batch = x.shape[0]
     sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(batch)  # fp32: bf16 rounds t
     if cfg == 1.0 or null is None:
+        tally("forwards", batch)  # the training budget's forward rows (flowopd.runtime.records.Meter)
         return transformer(
             hidden_states=x,
             timestep=sigma * 1000,
@@ -78,6 +82,7 @@ def transformer_velocity(transformer, x: Tensor, sigma, cond: Condition, null: C
             return_dict=False,
         )[0]
     both = Condition.cat([null, cond])
+    tally("forwards", 2 * batch)
     out = transformer(
         hidden_states=torch.cat([x, x]),
         timestep=torch.cat([sigma, sigma]) * 1000,
@@ -89,6 +94,19 @@ def transformer_velocity(transformer, x: Tensor, sigma, cond: Condition, null: C
     if detach_uncond:
         v_uncond = v_uncond.detach()
     return v_uncond + cfg * (v_cond - v_uncond)
+
+
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def sampling_transformer(bundle, dtype: str | None):
+    """The transformer a no-grad sampler runs: None (the bundle's own) when `dtype` is None or already the
+    transformer's, else a frozen copy in `dtype` (a bundle's velocity casts its inputs to the transformer's dtype and
+    returns fp32, so the sampler's state stays fp32)."""
+    transformer = getattr(bundle, "transformer", None)  # a test's rendering bundle has none
+    if dtype is None or transformer is None or TORCH_DTYPES[dtype] == transformer.dtype:
+        return None
+    return copy.deepcopy(transformer).to(TORCH_DTYPES[dtype]).eval().requires_grad_(False)
 
 
 # ---------------------------------------------------------------- micro-batches

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from flowopd.models.bundle import TORCH_DTYPES
 from flowopd.runtime.artifacts import verify_artifact
 
 WEIGHT_FILES = ("model.safetensors", "adapter.safetensors")  # tiny, sd3
@@ -29,12 +30,11 @@ def load_bundle(spec, base_dir: Path | None, device: torch.device | None = None)
         return TinyBundle.load(base_dir)
     from flowopd.models.sd3 import SD3Bundle
 
-    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     bundle = SD3Bundle.from_pretrained(spec.model.pretrained, revision=spec.model.revision,
-                                       dtype=dtypes[spec.model.dtype], resolution=spec.model.resolution,
+                                       dtype=TORCH_DTYPES[spec.model.dtype], resolution=spec.model.resolution,
                                        max_sequence_length=spec.model.max_sequence_length)
     if spec.model.vae_dtype is not None:
-        bundle.vae.to(dtypes[spec.model.vae_dtype])
+        bundle.vae.to(TORCH_DTYPES[spec.model.vae_dtype])
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return bundle.to(device) if device.type != "cpu" else bundle
 

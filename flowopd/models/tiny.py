@@ -104,9 +104,12 @@ class TinyBundle:
         return self._null.repeat_interleave(n)
 
     def velocity(self, x, sigma, cond: Condition, cfg: float = 1.0, transformer=None):
-        null = self.null_condition(x.shape[0]) if cfg != 1.0 else None
-        return transformer_velocity(transformer or self.transformer, x, sigma, cond, null, cfg,
-                                    self.detach_uncond)
+        """In the transformer's dtype (a bf16 copy samples the evaluation: flowopd.evaluation.benchmark); fp32 out."""
+        transformer = transformer or self.transformer
+        dtype = transformer.dtype
+        null = self.null_condition(x.shape[0]).to(dtype=dtype) if cfg != 1.0 else None
+        v = transformer_velocity(transformer, x.to(dtype), sigma, cond.to(dtype=dtype), null, cfg, self.detach_uncond)
+        return v.float()
 
     def decode(self, x: torch.Tensor) -> np.ndarray:
         pixels = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

@@ -21,6 +21,7 @@ from flowopd.runtime.artifacts import (
     write_provenance,
 )
 from flowopd.runtime.launch import refuse_several_processes
+from flowopd.runtime.records import Meter, budget
 
 
 def run_base(spec, out: Path, curve_path: Path | None = None, progress: bool = True) -> None:
@@ -30,6 +31,7 @@ def run_base(spec, out: Path, curve_path: Path | None = None, progress: bool = T
         record_pretrained_base(spec, out)
         return
     started, start = now(), time.time()  # like every phase's clock, it covers the model library's import
+    meter = Meter()  # the base's own budget (in no model's total: it plays the pretrained model)
     from flowopd.methods.pretrain import pretrain
 
     bundle, curve = pretrain(spec, progress=progress)
@@ -47,6 +49,7 @@ def run_base(spec, out: Path, curve_path: Path | None = None, progress: bool = T
             finished=now(),
             seconds=round(time.time() - start, 2),
             weights_sha256=sha256_file(folder / "model.safetensors"),
+            budget=budget(meter.spent(), shared_base=True),
         )
     if curve_path is not None:
         write_curve(curve_path, curve)
@@ -55,11 +58,12 @@ def run_base(spec, out: Path, curve_path: Path | None = None, progress: bool = T
 def record_pretrained_base(spec, out: Path) -> None:
     """An sd3 base: a model artifact with no adapter, which flowopd.models.loading reads as the bare pretrained
     model. It names the weights (model.pretrained, model.revision) rather than holding or hashing them."""
-    started, start = now(), time.time()
+    started, start, meter = now(), time.time(), Meter()
     with atomic_folder(out) as folder:
         write_provenance(folder, "base", sub_spec(spec, "base"), **spec_identity(spec), started=started,
                          finished=now(), seconds=round(time.time() - start, 2),
-                         pretrained=spec.model.pretrained, revision=spec.model.revision)
+                         pretrained=spec.model.pretrained, revision=spec.model.revision,
+                         budget=budget(meter.spent(), shared_base=True))
 
 
 def main(argv: list[str] | None = None) -> None:

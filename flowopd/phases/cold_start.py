@@ -1,7 +1,8 @@
 """Phase `cold_start` (the paper's second stage): the student's starting point, a merge of the teachers, SFT on their
 samples, or the base itself (`cold_start.method`: merge, sft, none).
 
-    python stages/cold_start.py --spec SPEC [--base DIR] --teacher NAME=DIR ... [--data DIR] --out DIR
+    python stages/cold_start.py --spec SPEC [--training-seed I] [--base DIR] --teacher NAME=DIR ... [--data DIR]
+        --out DIR
 
 merge and none run in one process; sft splits over FLOWOPD_PROCESSES=N processes. An sd3 student is a LoRA adapter
 beside the teachers' on one frozen base: merged adapters (flowopd.methods.merge.merged_adapter) or a new one fitted
@@ -18,7 +19,13 @@ from flowopd.methods.router import Router
 from flowopd.methods.sft import sft_cold_start
 from flowopd.models.loading import load_bundle, load_teachers, require_teacher_dirs, weights_sha
 from flowopd.phases.keys import cold_start_sub_spec
-from flowopd.phases.stage_cli import add_model_inputs, load_checked_spec, parse_teacher_dirs, stage_parser
+from flowopd.phases.stage_cli import (
+    add_model_inputs,
+    add_training_seed,
+    load_checked_spec,
+    parse_teacher_dirs,
+    stage_parser,
+)
 from flowopd.runtime.artifacts import (
     atomic_folder,
     now,
@@ -30,19 +37,24 @@ from flowopd.runtime.artifacts import (
 )
 from flowopd.runtime.launch import refuse_several_processes, relaunch_if_asked
 from flowopd.runtime.processes import Processes
+from flowopd.runtime.records import Meter, budget
 from flowopd.spec.hashing import canonical_hash
 from flowopd.train.policy import ADAPTER, save_policy
+from flowopd.train.trainer import spent
 from flowopd.world.prompt_sets import training_prompts
 
 
 # ---------------------------------------------------------------- the phase
 def run_cold_start(spec, base_dir: Path | None, teacher_dirs: dict, data_dir: Path | None, out: Path,
-                   progress: bool = True) -> None:
+                   progress: bool = True, training_seed: int = 0) -> None:
     """Write the student's starting model to `out` atomically (a TinyBundle, curve.csv for sft, provenance). Every
-    input folder is checked against its producer's record before it is read (models as they load)."""
+    input folder is checked against its producer's record before it is read (models as they load). The teachers
+    are the training seed's; sft samples and trains with its seed."""
+    sub_spec = cold_start_sub_spec(spec, training_seed)
+    spec = spec.for_training_seed(training_seed)  # from here on `seed` is the training seed's
     if spec.model.kind == "sd3":
-        return sd3_cold_start(spec, teacher_dirs, data_dir, out, progress)
-    started, start = now(), time.time()
+        return sd3_cold_start(spec, sub_spec, teacher_dirs, data_dir, out, progress)
+    started, start, meter = now(), time.time(), Meter()  # the budget: SFT's teacher samples, forwards and steps
     settings, method = spec.cold_start, spec.cold_start.method
     processes = Processes.from_environment()  # several only for sft (main refuses them otherwise)
     bundle = load_bundle(spec, base_dir)
@@ -66,6 +78,7 @@ def run_cold_start(spec, base_dir: Path | None, teacher_dirs: dict, data_dir: Pa
     elif method != "none":
         raise SystemExit(f"unknown cold start method {method!r}")
     lora = getattr(settings, "lora", None)
+    spending = spent(meter, processes)  # every process takes part
     if not processes.is_main:  # the same weights everywhere; the main process writes them
         processes.wait()
         return
@@ -74,23 +87,25 @@ def run_cold_start(spec, base_dir: Path | None, teacher_dirs: dict, data_dir: Pa
         if curve:
             write_curve(folder / "curve.csv", curve)
         write_provenance(
-            folder, "cold_start", cold_start_sub_spec(spec), **spec_identity(spec), method=method, **extra, curve=curve,
+            folder, "cold_start", sub_spec, **spec_identity(spec), method=method, **extra, curve=curve,
             base_dir=None if base_dir is None else str(base_dir), base_sha256=weights_sha(base_dir),
             teachers={n: {"dir": str(teacher_dirs[n]), "sha256": weights_sha(teacher_dirs[n])}
                       for n in used if n != "base"},
             processes=processes.count, started=started, finished=now(), seconds=round(time.time() - start, 2),
             weights_sha256=sha256_file(weights_file),
+            budget=budget(spending, [teacher_dirs[n] for n in used if n != "base"]),
         )
     processes.wait()
 
 
-def sd3_cold_start(spec, teacher_dirs: dict, data_dir: Path | None, out: Path, progress: bool = True) -> None:
+def sd3_cold_start(spec, sub_spec: dict, teacher_dirs: dict, data_dir: Path | None, out: Path,
+                   progress: bool = True) -> None:
     """sd3: the student's starting adapter. merge: from the teachers' (merged_adapter; no model is loaded). sft: a
     new adapter on the base fitted to samples of the teachers' adapters, all on one transformer. none: an artifact
     without adapter (OPD starts a fresh one on the base)."""
     from flowopd.models.sd3 import read_adapter, write_adapter
 
-    started, start = now(), time.time()
+    started, start, meter = now(), time.time(), Meter()  # the budget: SFT's teacher samples, forwards and steps
     settings, method = spec.cold_start, spec.cold_start.method
     processes = Processes.from_environment()  # several only for sft (main refuses them otherwise)
     extra, used, write_weights, curve = {}, [], None, None  # write_weights(folder) -> the weights file
@@ -132,17 +147,19 @@ def sd3_cold_start(spec, teacher_dirs: dict, data_dir: Path | None, out: Path, p
         def write_weights(folder):
             write_curve(folder / "curve.csv", curve)
             return bundle.save_adapter(ADAPTER, folder, lora.model_dump(mode="json"))
+    spending = spent(meter, processes)  # every process takes part
     if not processes.is_main:  # the same adapter everywhere; the main process writes it
         processes.wait()
         return
     with atomic_folder(out) as folder:
         weights_file = write_weights(folder) if write_weights is not None else None
         write_provenance(
-            folder, "cold_start", cold_start_sub_spec(spec), **spec_identity(spec), method=method, **extra, curve=curve,
+            folder, "cold_start", sub_spec, **spec_identity(spec), method=method, **extra, curve=curve,
             teachers={n: {"dir": str(teacher_dirs[n]), "sha256": weights_sha(teacher_dirs[n])}
                       for n in used if n != "base"},
             processes=processes.count, started=started, finished=now(), seconds=round(time.time() - start, 2),
             weights_sha256=None if weights_file is None else sha256_file(weights_file),
+            budget=budget(spending, [teacher_dirs[n] for n in used if n != "base"]),
         )
     processes.wait()
 
@@ -151,10 +168,12 @@ def main(argv: list[str] | None = None) -> None:
     """sft: FLOWOPD_PROCESSES=N, N processes; merge and none: one."""
     parser = stage_parser("cold_start")
     add_model_inputs(parser, data_required=False, teachers=True)
+    add_training_seed(parser)
     args = parser.parse_args(argv)
     spec = load_checked_spec(args, "cold_start")
     if spec.cold_start.method != "sft":
         refuse_several_processes("cold_start")
     elif argv is None:
         relaunch_if_asked()
-    run_cold_start(spec, args.base, parse_teacher_dirs(args.teacher, spec), args.data, args.out, not args.no_progress)
+    run_cold_start(spec, args.base, parse_teacher_dirs(args.teacher, spec), args.data, args.out, not args.no_progress,
+                   args.training_seed)

@@ -8,7 +8,8 @@ small file DVC shows (`dvc metrics show`, `dvc exp show`): the model's label and
 benchmark's headline metric and `avg` (mean over benchmarks of headline / normaliser, as the report's).
 Several processes (FLOWOPD_PROCESSES, an accelerate config) split the sampling; the main one writes. The model and
 prompt folders are checked against their producers' records first; meta.json keeps `model_sha256` (the weights
-evaluated) beside `model_recorded_sha256` (their producer's `weights_sha256`) for the ledger to compare.
+evaluated) beside `model_recorded_sha256` (their producer's `weights_sha256`) for the ledger to compare. The run
+record names the model's training seed (from the model's spec.json; null for the base), which the ledger keeps.
 Finished batches are kept in `.<out>.scored-<key>` beside the folder until the evaluation succeeds, so a rerun after a
 failure (a reward server that died) samples and scores only the rest; the key hashes the weights, the evaluation's
 sub-spec and the package's code, and another key's folder is stale (removed).
@@ -23,7 +24,7 @@ import time
 from pathlib import Path
 
 import flowopd
-from flowopd.phases.keys import sub_spec, sub_spec_hash
+from flowopd.phases.keys import artifact_training_seed, sub_spec, sub_spec_hash
 from flowopd.phases.stage_cli import load_checked_spec, stage_parser
 from flowopd.runtime.artifacts import (
     META,
@@ -78,6 +79,7 @@ def run_eval(
     model_sha256 = weights_sha(model_dir)  # checked against the record of the phase that wrote it, like the data
     verify_artifact(data_dir)
     model_meta = json.loads((Path(model_dir) / META).read_text(encoding="utf-8"))
+    model_spec = json.loads((Path(model_dir) / "spec.json").read_text(encoding="utf-8"))
     bundle = load_model(spec, model_dir, processes.device)
     evaluation = spec.evaluation  # sd3: every benchmark prompt embedded once, then the text encoders freed
     embed_and_release(bundle, [p.text for task in evaluation.benchmarks
@@ -101,6 +103,7 @@ def run_eval(
             model_sha256=model_sha256,
             model_recorded_sha256=model_meta.get("weights_sha256"),
             model_sections_hash=model_meta["sections_hash"],
+            training_seed=artifact_training_seed(model_meta.get("phase"), model_spec),
             processes=processes.count,
             started=started,
             finished=now(),

@@ -1,7 +1,8 @@
 """Phase `opd` (the paper's third stage): the student, from its cold start, distilled on-policy from the teacher
 each prompt is routed to, with MAR (flowopd.methods.opd_trainer).
 
-    python stages/opd.py --spec SPEC --init DIR [--base DIR] --teacher NAME=DIR ... --data DIR --out DIR [--curve CSV]
+    python stages/opd.py --spec SPEC [--training-seed I] --init DIR [--base DIR] --teacher NAME=DIR ... --data DIR
+        --out DIR [--curve CSV]
 
 Tiny world: the student and every teacher are whole TinyBundles sharing the frozen text encoder. sd3: student,
 teachers and anchor are LoRA adapters on ONE frozen base, switched per routed group (no model copy per teacher).
@@ -24,6 +25,7 @@ from flowopd.phases.keys import opd_sub_spec
 from flowopd.phases.stage_cli import (
     add_curve,
     add_model_inputs,
+    add_training_seed,
     load_checked_spec,
     parse_teacher_dirs,
     stage_parser,
@@ -31,6 +33,7 @@ from flowopd.phases.stage_cli import (
 from flowopd.runtime.artifacts import now, verify_artifact
 from flowopd.runtime.launch import relaunch_if_asked
 from flowopd.runtime.processes import Processes
+from flowopd.runtime.records import Meter
 from flowopd.train.policy import ADAPTER
 from flowopd.train.rollouts import rollout_texts
 from flowopd.train.trainer import lora_settings, run_training
@@ -38,11 +41,15 @@ from flowopd.world.prompt_sets import training_prompts
 
 
 def run_opd(spec, init_dir: Path, base_dir: Path | None, teacher_dirs: dict, data_dir: Path, out: Path,
-            curve_path: Path | None = None, progress: bool = True) -> None:
+            curve_path: Path | None = None, progress: bool = True, training_seed: int = 0) -> None:
     """OPD from the cold-start artifact `init_dir` on all tasks' train prompts; writes `out` atomically (the EMA
     student: a TinyBundle, or an sd3 adapter; curve.csv, provenance). Resumes from `<out>.ckpt` like every
-    trainer (flowopd.train.trainer). sd3: student, teachers and anchor are adapters on ONE frozen base (sd3_models)."""
+    trainer (flowopd.train.trainer). sd3: student, teachers and anchor are adapters on ONE frozen base (sd3_models).
+    The cold start and teachers are the training seed's; the student trains with its seed."""
+    sub_spec = opd_sub_spec(spec, training_seed)
+    spec = spec.for_training_seed(training_seed)  # from here on `seed` is the training seed's
     started, start, settings = now(), time.time(), spec.opd
+    meter = Meter()  # the budget: the student's rollouts, its teachers' and anchor's forwards, its steps
     processes = Processes.from_environment()
     verify_artifact(data_dir)  # and every model folder as it loads (tiny_models, sd3_models)
     prompts, tasks = training_prompts(spec, data_dir)
@@ -74,9 +81,10 @@ def run_opd(spec, init_dir: Path, base_dir: Path | None, teacher_dirs: dict, dat
         "init_dir": str(init_dir), "init_sha256": inputs["init_sha256"],
         "teachers": {n: {"dir": str(f), "sha256": inputs["teachers"][n]} for n, f in folders.items()},
     }
-    run_training(trainer, spec=spec, phase="opd", out=out, sub_spec=opd_sub_spec(spec),
+    run_training(trainer, spec=spec, phase="opd", out=out, sub_spec=sub_spec,
                  inputs={"inputs": inputs, "prompts": prompt_digest}, provenance=provenance, started=started,
-                 start=start, curve_path=curve_path, progress=progress)
+                 start=start, curve_path=curve_path, progress=progress, meter=meter,
+                 parents=[init_dir, *folders.values()])  # the cold start holds its teachers; they count once
 
 
 def tiny_models(init_dir: Path, names: list[str], teacher_dirs: dict, base_dir: Path | None):
@@ -130,7 +138,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--init", required=True, type=Path, help="cold-start artifact folder (the student)")
     add_model_inputs(parser, data_required=True, teachers=True)
     add_curve(parser)
+    add_training_seed(parser)
     args = parser.parse_args(argv)
     spec = load_checked_spec(args, "opd")
     teacher_dirs = parse_teacher_dirs(args.teacher, spec)
-    run_opd(spec, args.init, args.base, teacher_dirs, args.data, args.out, args.curve, not args.no_progress)
+    run_opd(spec, args.init, args.base, teacher_dirs, args.data, args.out, args.curve, not args.no_progress,
+            args.training_seed)

@@ -1,9 +1,10 @@
 """The command line every stage entry point shares (`stages/<phase>.py`, the commands dvc.yaml runs).
 
 Options: `--spec` (the spec file), `--out` (the artifact folder, written atomically), `--no-progress`, and per phase
-its inputs (`--base`, `--data`, `--teacher NAME=DIR`, `--init`, `--model`) and side outputs (`--curve`,
-`--metrics`). Before any work, the spec is loaded (problems as one line each, no traceback) and the output folder's
-name is checked against the stage key the spec gives now (flowopd.phases.keys.check_stage_key).
+its inputs (`--base`, `--data`, `--teacher NAME=DIR`, `--init`, `--model`), side outputs (`--curve`, `--metrics`)
+and, for the phases after the base, `--training-seed I` (absent: 0). Before any work, the spec is loaded (problems as
+one line each, no traceback) and the output folder's name is checked against the stage key the spec gives now
+(flowopd.phases.keys.check_stage_key).
 """
 
 from __future__ import annotations
@@ -36,10 +37,20 @@ def add_curve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--curve", type=Path, help="also write the training curve here (DVC plots)")
 
 
+def add_training_seed(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--training-seed", type=int, default=0, metavar="I",
+                        help="which of the spec's training_seeds to train (0: the spec's seed; I: seed + I)")
+
+
 def load_checked_spec(args: argparse.Namespace, phase: str, teacher: str | None = None):
-    """The spec of `--spec`, after checking that `--out` is named for the stage key the spec gives this phase."""
+    """The spec of `--spec`, after checking that `--out` is named for the stage key the spec gives this phase (and
+    its `--training-seed`, one of the spec's)."""
     spec = load_spec_or_exit(args.spec)
-    check_stage_key(spec, args.spec, phase, args.out, teacher)
+    training_seed = getattr(args, "training_seed", 0)
+    if not 0 <= training_seed < spec.training_seeds:
+        raise SystemExit(f"--training-seed {training_seed}: {args.spec} has training_seeds {spec.training_seeds} "
+                         f"(seeds 0 to {spec.training_seeds - 1})")
+    check_stage_key(spec, args.spec, phase, args.out, teacher, training_seed)
     return spec
 
 

@@ -9,6 +9,9 @@ and its code, specs and prompt files are dependencies outside its folder. Both f
 A stage is named and keyed by the hash of the sections its phase reads (`flowopd.phases.keys.PHASE_SECTIONS`), so:
 - editing evaluation settings changes only eval stages; editing the base changes the base and all downstream;
 - two specs with the same base settings share one `base-<hash>` stage and artifact;
+- a spec with `training_seeds: N` has N copies of every stage after the base (teachers, baseline, cold start, OPD
+  and their evaluations), seed i > 0's named `<phase>-[<task>-]seed<i>-<key>` and run with `--training-seed i`;
+  seed 0's are those of a one-seed spec (flowopd.phases.keys);
 - each stage lists as DVC params only its own sections (OWN_SECTIONS): a section belongs to the first stage that
   reads it (seed, world and tasks to data; model and base to base; a teacher's settings to its teacher; evaluation
   to the eval stages), and reaches later stages through that stage's artifact, whose spec.json (hence DVC hash)
@@ -87,7 +90,7 @@ PIPELINES = (
     Layout("sd3", ("specs/sd3/*.yaml",), "sd3/artifacts", "sd3/reports"),
 )
 TINY = PIPELINES[0]
-REPORT_OUTS = ["main_table.csv", "main_table.md", "main_table.tex", "mar_table.md", "exploit_table.md", "README.md",
+REPORT_OUTS = ["main_table.csv", "main_table.md", "main_table.tex", "claims.csv", "mar_table.md", "exploit_table.md", "README.md",
                "plots", "grids"]  # in the reports folder
 # The sections each phase lists as DVC params; an sd3 base stage only names the pretrained model (its training stages
 # read it themselves, not through the base artifact), so they list `model` too.
@@ -224,6 +227,7 @@ def build(root: Path = Path("."), layout: Layout = TINY, notes: list[str] | None
     root = Path(root)
     b = _Builder(root, layout)
     first_with, stages_of, problems = {}, {}, []  # (field, value) -> spec; frozenset of stages -> spec
+    first_baseline: dict[str, str] = {}  # the spec whose baseline is the mixed_grpo row
     for spec_path in pipeline_specs(root, layout):
         if not SPEC_FILE_NAME.match(os.path.basename(spec_path)):
             problems.append(f"{spec_path}: a spec file name is letters, digits, _ . - and ends in .yaml")
@@ -260,34 +264,47 @@ def build(root: Path = Path("."), layout: Layout = TINY, notes: list[str] | None
             }, spec_path, own_model)
         models[f"base-{keys['base']}"] = ("base", base_dir)
         inputs = [*base_arg, "--data", data_dir]
-        teacher_dirs = {}
-        for name, teacher in spec.teachers.items():
-            key = stage_key(teacher_sub_spec(spec, name))
-            params = (*own_model, *OWN_SECTIONS["teacher"], f"teachers.{name}")
-            teacher_dirs[name] = b.train("teacher", key, f"teacher-{teacher.task}-{key}", spec_path,
-                                         ["--teacher", name, *inputs], params,
-                                         [*b.code("teacher"), *base_deps, data_dir])
-            models[f"teacher-{key}"] = (f"teacher:{name}", teacher_dirs[name])
-        if spec.baseline is not None:
-            key = stage_key(baseline_sub_spec(spec))
-            out = b.train("baseline", key, f"baseline-{key}", spec_path, inputs,
-                          (*own_model, *OWN_SECTIONS["baseline"]), [*b.code("baseline"), *base_deps, data_dir])
-            models[f"baseline-{key}"] = ("mixed_grpo", out)
-        if teacher_dirs:
-            teacher_args = [arg for name, folder in teacher_dirs.items() for arg in ("--teacher", f"{name}={folder}")]
-            teacher_deps = sorted(set(teacher_dirs.values()))
-            init_dir = base_dir
-            if spec.cold_start.method != "none":
-                key = stage_key(cold_start_sub_spec(spec))
-                sft = ("sampler",) if spec.cold_start.method == "sft" else ()
-                init_dir = b.train("cold_start", key, f"cold_start-{key}", spec_path, [*inputs, *teacher_args],
-                                   (*own_model, *sft, *OWN_SECTIONS["cold_start"]),
-                                   [*b.code("cold_start"), *base_deps, data_dir, *teacher_deps])
-            key = stage_key(opd_sub_spec(spec))
-            out = b.train("opd", key, f"opd-{key}", spec_path, [*inputs, *teacher_args, "--init", init_dir],
-                          (*own_model, *OWN_SECTIONS["opd"]),
-                          [*b.code("opd"), *base_deps, data_dir, *teacher_deps, init_dir])
-            models[f"opd-{key}"] = (spec.label, out)
+        for seed in range(spec.training_seeds):  # data and base are shared; seed 0's stages are a one-seed spec's
+            seed_arg = ["--training-seed", str(seed)] if seed else []
+            tag = f"seed{seed}-" if seed else ""  # names the seed in stage names (the key already depends on it)
+            teacher_dirs = {}
+            for name, teacher in spec.teachers.items():
+                key = stage_key(teacher_sub_spec(spec, name, seed))
+                params = (*own_model, *OWN_SECTIONS["teacher"], f"teachers.{name}")
+                teacher_dirs[name] = b.train("teacher", key, f"teacher-{teacher.task}-{tag}{key}", spec_path,
+                                             ["--teacher", name, *seed_arg, *inputs], params,
+                                             [*b.code("teacher"), *base_deps, data_dir])
+                models[f"teacher-{tag}{key}"] = (f"teacher:{name}", teacher_dirs[name])
+            if spec.baseline is not None:
+                key = stage_key(baseline_sub_spec(spec, seed))
+                out = b.train("baseline", key, f"baseline-{tag}{key}", spec_path, [*seed_arg, *inputs],
+                              (*own_model, *OWN_SECTIONS["baseline"]), [*b.code("baseline"), *base_deps, data_dir])
+                models[f"baseline-{tag}{key}"] = ("mixed_grpo", out)
+            if teacher_dirs:
+                teacher_args = [arg for name, folder in teacher_dirs.items()
+                                for arg in ("--teacher", f"{name}={folder}")]
+                teacher_deps = sorted(set(teacher_dirs.values()))
+                init_dir = base_dir
+                if spec.cold_start.method != "none":
+                    key = stage_key(cold_start_sub_spec(spec, seed))
+                    sft = ("sampler",) if spec.cold_start.method == "sft" else ()
+                    init_dir = b.train("cold_start", key, f"cold_start-{tag}{key}", spec_path,
+                                       [*seed_arg, *inputs, *teacher_args],
+                                       (*own_model, *sft, *OWN_SECTIONS["cold_start"]),
+                                       [*b.code("cold_start"), *base_deps, data_dir, *teacher_deps])
+                key = stage_key(opd_sub_spec(spec, seed))
+                out = b.train("opd", key, f"opd-{tag}{key}", spec_path,
+                              [*seed_arg, *inputs, *teacher_args, "--init", init_dir],
+                              (*own_model, *OWN_SECTIONS["opd"]),
+                              [*b.code("opd"), *base_deps, data_dir, *teacher_deps, init_dir])
+                models[f"opd-{tag}{key}"] = (spec.label, out)
+        # A mixed baseline of a later spec's own, beside the shared one and with no student of its own (a
+        # budget-matched mix), is that spec's row, under its label; otherwise the row is `mixed_grpo`.
+        new_rows = [model_key.split("-")[0] for model_key in models if f"eval-{model_key}-{keys['eval']}" not in b.stages]
+        if spec.baseline is not None and first_baseline.setdefault("spec", spec_path) != spec_path \
+                and "baseline" in new_rows and "opd" not in new_rows:
+            models = {model_key: (spec.label if model_key.startswith("baseline-") else label, folder)
+                      for model_key, (label, folder) in models.items()}
         for model_key, (label, model_dir) in models.items():
             b.evaluate(spec_path, model_key, label, model_dir, data_dir, keys["eval"])
         twin = stages_of.setdefault(frozenset(b.used), spec_path)

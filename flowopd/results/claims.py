@@ -1,13 +1,22 @@
-"""The paper's claims, decided from the ledger with bootstrap intervals (the report lists them in README.md).
+"""The paper's claims as data: one row per comparison (`reports/claims.csv`, rendered into `reports/README.md`).
 
-Each claim is a difference of means d = a - b (bootstrap over prompts x seeds, paired where both rows share prompts
-and seeds; 95% percentile interval [lo, hi]) against a threshold t on the side the paper claims, d > t:
-- holds:      lo > t, the whole interval lies on the claimed side;
-- fails:      hi < t, the whole interval lies on the other side;
-- unresolved: the interval contains t, or a row the claim needs is missing (named), or has no per-sample scores.
-A claim made of several comparisons (one per teacher; merge against SFT and against none) holds when every part
-holds, fails when any part fails, and is unresolved otherwise. Each interval is 95% on its own (no correction for
-the several comparisons).
+Each comparison is a difference of means d = a - b on the normalised scale (headline / normaliser; avg is already
+normalised), with its bootstrap interval [lo, hi] (`flowopd.results.bootstrap`: training seeds, then distinct
+prompts; paired where both rows share prompts and seeds), decided against a margin:
+- `student_matches_teachers`, one row per teacher on its task, d = student - teacher. The paper says the student
+  "matches or exceeds" each teacher, so this is a non-inferiority test, not an equivalence test (which would also
+  need hi < +margin and would count a student far above its teacher against the claim):
+  holds when lo > -margin (no worse than the margin below the teacher); fails when hi < -margin; else unresolved.
+- `student_above_mixed` (avg, flow_opd - mixed_grpo), `mar_quality` (quality, flow_opd - flow_opd:no_mar),
+  `cold_start_merge_vs_sft` and `cold_start_merge_vs_none` (avg, flow_opd - the ablation): superiority by at least
+  the smallest effect worth reporting: holds when lo > margin; fails when hi < margin (the data exclude an effect of
+  that size); else unresolved.
+A row the comparison needs that is missing, or has no per-sample scores, makes it unresolved (the README names why).
+
+Correction: Bonferroni over all m comparison rows of the file: each interval is the (1 - 0.05/m) percentile
+interval, so that all m hold together with probability at least 95% (Bonferroni, m = the number of rows, missing
+ones included). `n_seeds` and `n_prompts` of a row: the smaller of the two models' training seeds and distinct
+test prompts (for avg, the smallest over the tasks): how much data the interval rests on.
 """
 
 from __future__ import annotations
@@ -22,63 +31,98 @@ from flowopd.results.tables import Results, load
 
 STUDENT, MIXED, NO_MAR, SFT_INIT, NO_COLD_START = (
     "flow_opd", "mixed_grpo", "flow_opd:no_mar", "flow_opd:sft_init", "flow_opd:no_cold_start")
-TEACHER_MARGIN = 0.03  # on the normalised scale (headline / normaliser)
-CLAIMS = {
-    "a": f"The student (`{STUDENT}`) is within {TEACHER_MARGIN} of every teacher on that teacher's task, or above "
-         "it (headline / normaliser)",
-    "b": f"The student's avg is above `{MIXED}`'s",
-    "c": f"MAR: `{NO_MAR}` is below `{STUDENT}` on the quality benchmark",
-    "d": f"Cold start: merge (`{STUDENT}`) is above SFT (`{SFT_INIT}`) and above none (`{NO_COLD_START}`) on avg",
+ALPHA = 0.05  # family-wise error rate of the whole file
+TEACHER_MARGIN = 0.03  # "matches": this far below its teacher (normalised), the tolerance the claims always used
+EFFECT_MARGIN = 0.01  # smallest effect worth reporting: one point on the 0-1 normalised scale, the paper's 2 decimals
+CLAIMS = {  # claim id -> (what it says, the margin rule)
+    "student_matches_teachers": (
+        f"the student (`{STUDENT}`) matches or exceeds every teacher on that teacher's task (non-inferiority)",
+        "lo > −margin"),
+    "student_above_mixed": (f"the student's avg is above `{MIXED}`'s", "lo > margin"),
+    "mar_quality": (f"MAR: `{STUDENT}` is above `{NO_MAR}` on quality", "lo > margin"),
+    "cold_start_merge_vs_sft": (f"cold start: merge (`{STUDENT}`) is above SFT (`{SFT_INIT}`) on avg", "lo > margin"),
+    "cold_start_merge_vs_none": (f"cold start: merge (`{STUDENT}`) is above none (`{NO_COLD_START}`) on avg",
+                                 "lo > margin"),
 }
-SCHEMA = {"claim": pl.String, "a": pl.String, "b": pl.String, "column": pl.String, "delta": pl.Float64,
-          "lo": pl.Float64, "hi": pl.Float64, "threshold": pl.Float64, "pairing": pl.String, "verdict": pl.String}
+CSV_COLUMNS = ["claim", "metric", "estimate", "lo", "hi", "margin", "verdict", "n_seeds", "n_prompts"]
+SCHEMA = {"claim": pl.String, "metric": pl.String, "estimate": pl.Float64, "lo": pl.Float64, "hi": pl.Float64,
+          "margin": pl.Float64, "verdict": pl.String, "n_seeds": pl.Int64, "n_prompts": pl.Int64,
+          "a": pl.String, "b": pl.String, "pairing": pl.String, "level": pl.Float64, "reason": pl.String}
+
+
+def bonferroni_level(m: int) -> float:
+    """The level of each of m intervals whose family holds at 1 - ALPHA."""
+    return 1 - ALPHA / max(m, 1)
 
 
 def verdict(lo: float, hi: float, threshold: float) -> str:
+    """The claim d > threshold: holds if the whole interval lies above, fails if it lies below, else unresolved."""
     return "holds" if lo > threshold else "fails" if hi < threshold else "unresolved"
 
 
-def check(results: Results, claim: str, a: str, b: str, column: str, threshold: float, scale: float = 1.0) -> dict:
-    """One comparison: (a - b) * scale on `column` against `threshold`."""
-    row = {"claim": claim, "a": a, "b": b, "column": column, "delta": None, "lo": None, "hi": None,
-           "threshold": threshold, "pairing": None}
+def threshold(claim: str, margin: float) -> float:
+    """Non-inferiority (the teachers) is decided at -margin, superiority at +margin."""
+    return -margin if claim == "student_matches_teachers" else margin
+
+
+def _smaller(*counts):
+    return None if None in counts else min(counts)
+
+
+def comparison(results: Results, claim: str, a: str, b: str, metric: str, margin: float) -> tuple[dict, object]:
+    """One comparison row (lo, hi and verdict still open) and the bootstrap draws of (a - b), normalised."""
+    row = {"claim": claim, "metric": metric, "estimate": None, "lo": None, "hi": None, "margin": margin,
+           "verdict": "unresolved", "n_seeds": None, "n_prompts": None, "a": a, "b": b, "pairing": None,
+           "level": None, "reason": None}
     missing = [m for m in (a, b) if m not in results.models]
-    if missing or column not in (*results.tasks, "avg"):
-        why = (f"row{'s' * (len(missing) > 1)} {' and '.join(missing)} missing" if missing
-               else f"no {column} benchmark")
-        return row | {"verdict": f"unresolved ({why})"}
-    mean_a, mean_b = results.mean(a, column), results.mean(b, column)
+    if missing or metric not in (*results.tasks, "avg"):
+        why = f"row{'s' * (len(missing) > 1)} {' and '.join(missing)} missing" if missing else f"no {metric} benchmark"
+        return row | {"reason": why}, None
+    row |= {"n_seeds": _smaller(results.n_seeds(a), results.n_seeds(b)),
+            "n_prompts": _smaller(results.n_prompts(a, metric), results.n_prompts(b, metric))}
+    scale = 1.0 if metric == "avg" else 1 / results.normaliser.get(metric, 1.0)
+    mean_a, mean_b = results.mean(a, metric), results.mean(b, metric)
     if mean_a is None or mean_b is None:
-        return row | {"verdict": f"unresolved (no {column} result for {a if mean_a is None else b})"}
-    row["delta"] = (mean_a - mean_b) * scale
-    ea, eb = results.estimate(a, column), results.estimate(b, column)
+        return row | {"reason": f"no {metric} result for {a if mean_a is None else b}"}, None
+    row["estimate"] = (mean_a - mean_b) * scale
+    ea, eb = results.estimate(a, metric), results.estimate(b, metric)
     if ea is None or eb is None:
-        return row | {"verdict": f"unresolved (no per-sample scores for {a if ea is None else b})"}
-    lo, hi = interval((ea - eb).draws * scale)
-    return row | {"lo": lo, "hi": hi, "pairing": ea.pairing(eb), "verdict": verdict(lo, hi, threshold)}
+        return row | {"reason": f"no per-sample scores for {a if ea is None else b}"}, None
+    return row | {"pairing": ea.pairing(eb)}, (ea - eb).draws * scale
 
 
 def claims_frame(results: Results, quality: str = "quality") -> pl.DataFrame:
-    """One row per comparison of every claim (claim, a, b, column, delta, lo, hi, threshold, pairing, verdict)."""
+    """One row per comparison: the CSV_COLUMNS, then a, b, pairing, level (Bonferroni) and the reason of an
+    unresolved row that lacks data."""
+    teachers = [m.removeprefix("teacher:") for m in results.models if m.startswith("teacher:")]
+    tasks = results.tasks + sorted(set(teachers) - set(results.tasks))  # a task without its teacher: named missing
+    planned = [("student_matches_teachers", STUDENT, f"teacher:{t}", t, TEACHER_MARGIN) for t in tasks]
+    if not tasks:
+        planned.append(("student_matches_teachers", STUDENT, "teacher:<task>", "avg", TEACHER_MARGIN))
+    planned += [("student_above_mixed", STUDENT, MIXED, "avg", EFFECT_MARGIN),
+                ("mar_quality", STUDENT, NO_MAR, quality, EFFECT_MARGIN),
+                ("cold_start_merge_vs_sft", STUDENT, SFT_INIT, "avg", EFFECT_MARGIN),
+                ("cold_start_merge_vs_none", STUDENT, NO_COLD_START, "avg", EFFECT_MARGIN)]
+    compared = [comparison(results, *plan) for plan in planned]
+    level = bonferroni_level(len(compared))
     rows = []
-    teachers = [m for m in results.models if m.startswith("teacher:")]
-    for teacher in teachers:
-        task = teacher.removeprefix("teacher:")
-        rows.append(check(results, "a", STUDENT, teacher, task, -TEACHER_MARGIN,
-                          1 / results.normaliser.get(task, 1.0)))
-    if not teachers:
-        rows.append(check(results, "a", STUDENT, "teacher:<task>", "avg", -TEACHER_MARGIN))
-    rows.append(check(results, "b", STUDENT, MIXED, "avg", 0.0))
-    rows.append(check(results, "c", STUDENT, NO_MAR, quality, 0.0))
-    rows.append(check(results, "d", STUDENT, SFT_INIT, "avg", 0.0))
-    rows.append(check(results, "d", STUDENT, NO_COLD_START, "avg", 0.0))
+    for row, draws in compared:
+        if draws is not None:
+            lo, hi = interval(draws, level)
+            row |= {"lo": lo, "hi": hi, "level": level,
+                    "verdict": verdict(lo, hi, threshold(row["claim"], row["margin"]))}
+        rows.append(row)
     return pl.DataFrame(rows, schema=SCHEMA)
 
 
+def csv_frame(frame: pl.DataFrame) -> pl.DataFrame:
+    """What `reports/claims.csv` holds: exactly CSV_COLUMNS."""
+    return frame.select(CSV_COLUMNS)
+
+
 def overall(verdicts: list[str]) -> str:
-    if len(verdicts) == 1:
-        return verdicts[0]
-    if all(v == "holds" for v in verdicts):
+    """A claim of several comparisons: holds when all hold, fails when any fails, else unresolved."""
+    if verdicts and all(v == "holds" for v in verdicts):
         return "holds"
     return "fails" if "fails" in verdicts else "unresolved"
 
@@ -88,20 +132,26 @@ def _number(value: float, digits: int) -> str:
 
 
 def claim_lines(frame: pl.DataFrame, digits: int = 3) -> list[str]:
-    """Markdown lines, one per claim: its overall verdict, then each comparison with its interval."""
-    lines = []
-    for claim, statement in CLAIMS.items():
+    """Markdown lines: the correction (Bonferroni, m), then one per claim: its overall verdict, then each comparison
+    with its estimate, interval, pairing, data and rule, and why it is unresolved where a row lacks data."""
+    m = frame.height
+    lines = [(f"Bonferroni, m = {m}: each interval is the {100 * bonferroni_level(m):.2f}% percentile interval "
+             f"(family-wise {100 * (1 - ALPHA):.0f}%).")]
+    for claim, (statement, rule) in CLAIMS.items():
         parts = frame.filter(pl.col("claim") == claim).to_dicts()
         described = []
         for p in parts:
-            text = f"`{p['a']}` − `{p['b']}` on {p['column']}"
-            if p["delta"] is not None:
-                text += f" = {_number(p['delta'], digits)}"
+            text = f"`{p['a']}` − `{p['b']}` on {p['metric']}"
+            if p["estimate"] is not None:
+                text += f" = {_number(p['estimate'], digits)}"
             if p["lo"] is not None:
-                text += f" [{_number(p['lo'], digits)}, {_number(p['hi'], digits)}] ({p['pairing']})"
-            described.append(f"{text}, claimed > {_number(p['threshold'], digits)}: {p['verdict']}")
-        verdict_all = overall([p["verdict"] for p in parts])
-        lines.append(f"- ({claim}) {statement}: **{verdict_all}**. " + "; ".join(described) + ".")
+                text += (f" [{_number(p['lo'], digits)}, {_number(p['hi'], digits)}] ({p['pairing']}; "
+                         f"{p['n_seeds']} training seed{'s' * (p['n_seeds'] != 1)}, {p['n_prompts']} distinct prompts)")
+            reason = f" ({p['reason']})" if p["reason"] else ""
+            described.append(f"{text}: {p['verdict']}{reason}")
+        margin = parts[0]["margin"] if parts else None
+        head = f"- `{claim}`: {statement}; {rule}" + (f", margin {margin:g}" if margin is not None else "")
+        lines.append(f"{head}: **{overall([p['verdict'] for p in parts])}**. " + "; ".join(described) + ".")
     return lines
 
 

@@ -2,7 +2,9 @@
 results (`flowopd ledger sql`) as an aligned text table, CSV or JSON.
 
 A frame has `model` first, then value columns, each optionally followed by `<column>_lo` / `<column>_hi` (its
-interval). The best value of each column (on the rounded numbers, so the bold matches what is printed) is bold.
+interval), and optionally the row's counts (`n_seeds`, `n_prompts`, `train_images`, `train_cpu_s`: in CSV, not in
+the Markdown and LaTeX tables, whose text states them). The best value of each column (on the rounded numbers, so the bold matches what is
+printed) is bold.
 """
 
 from __future__ import annotations
@@ -20,9 +22,13 @@ LATEX_SPECIALS = {c: "\\" + c for c in "&%$#_{}"} | {"~": r"\textasciitilde{}", 
                                                       "\\": r"\textbackslash{}"}
 
 
+COUNT_COLUMNS = ("n_seeds", "n_prompts", "train_images", "train_cpu_s")  # what a row was measured on, not a result to compare or bold
+
+
 def value_columns(frame: pl.DataFrame) -> list[str]:
     names = set(frame.columns)
-    return [c for c in frame.columns[1:] if not (c[-3:] in ("_lo", "_hi") and c[:-3] in names)]
+    return [c for c in frame.columns[1:]
+            if not (c[-3:] in ("_lo", "_hi") and c[:-3] in names) and c not in COUNT_COLUMNS]
 
 
 def best_rows(frame: pl.DataFrame, column: str, digits: int, best: str | None) -> set[int]:

@@ -2,13 +2,17 @@
 
 Tables (all joined on `run_id`):
 - runs:       one row per run: eval runs (one per eval shard) and the training run of the model each evaluated
-              (from the model folder, linked by the eval row's `parent_run_id`); spec, git and environment.
+              (from the model folder, linked by the eval row's `parent_run_id`); spec, git and environment, and
+              `training_seed`: the seed index of the trained or evaluated model (NULL for the base and older runs).
 - benchmarks: per eval run and benchmark: headline metric, the task's normaliser (for avg), report position, n.
 - metrics:    per eval run, benchmark, metric and seed: the value (n: prompts scored).
 - samples:    per eval run, benchmark, seed, prompt and metric: one image's score (samples.jsonl, long format); what
               the report's bootstrap confidence intervals resample.
 - curves:     per training run, step and key (loss, reward, kl, ...): the training curve (curve.csv, long format).
 - artifacts:  every file of the shard and of the model folder: path, sha256, bytes, role.
+- budgets:    per training run: what its phase spent (images generated, transformer forward rows, optimizer steps,
+              CPU seconds) and `total_*`, with every model it descends from (the base left out), from the run
+              record's `budget` (flowopd.runtime.records.budget); none for a folder from before budgets.
 
 Run provenance (spec file, times, seconds, git, environment, the curve's timing columns) comes from the run record
 beside each folder (`<folder>.run.json`, flowopd.runtime.artifacts); folders from before run records carry it in meta.json.
@@ -38,7 +42,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from flowopd.runtime.artifacts import sha256_file
-from flowopd.runtime.records import run_record_path
+from flowopd.runtime.records import BUDGET, run_record_path
 from flowopd.spec.hashing import canonical_hash
 
 DEFAULT_DB = Path("reports/ledger.duckdb")
@@ -56,6 +60,7 @@ TABLES: dict[str, dict[str, str]] = {
         "model_sha256": "VARCHAR", "model_sections_hash": "VARCHAR", "git_rev": "VARCHAR", "git_dirty": "BOOLEAN",
         "python": "VARCHAR", "platform": "VARCHAR", "packages": "VARCHAR", "device": "VARCHAR",
         "started": "TIMESTAMP", "finished": "TIMESTAMP", "seconds": "DOUBLE", "shard": "VARCHAR", "meta": "VARCHAR",
+        "training_seed": "INTEGER",  # the run record's seed index (docs/specs.md#training-seeds)
     },
     "benchmarks": {
         "run_id": "VARCHAR", "benchmark": "VARCHAR", "position": "INTEGER", "headline": "VARCHAR",
@@ -71,10 +76,15 @@ TABLES: dict[str, dict[str, str]] = {
     },
     "curves": {"run_id": "VARCHAR", "step": "INTEGER", "key": "VARCHAR", "value": "DOUBLE"},
     "artifacts": {"run_id": "VARCHAR", "path": "VARCHAR", "sha256": "VARCHAR", "bytes": "BIGINT", "role": "VARCHAR"},
+    "budgets": {
+        "run_id": "VARCHAR", "images": "BIGINT", "forwards": "BIGINT", "optimizer_steps": "BIGINT", "cpu_s": "DOUBLE",
+        "total_images": "BIGINT", "total_forwards": "BIGINT", "total_optimizer_steps": "BIGINT",
+        "total_cpu_s": "DOUBLE",
+    },
 }
 # Tables filled for a run the ledger already holds when it has no rows there yet: a ledger written before the table
 # existed gains the rows on the next ingest of the same shards (their run_ids are unchanged).
-BACKFILL = ("samples",)
+BACKFILL = ("samples", "budgets")
 SAMPLE_KEYS = ("benchmark", "seed", "index", "prompt")  # the rest of a samples.jsonl row: one score per metric
 MEAN_TOLERANCE = 1e-6  # metrics.json's values must be the mean of their samples (float32 rounding aside)
 ROLES = {"meta.json": "meta", "spec.json": "spec", "metrics.json": "metrics", "samples.jsonl": "samples",
@@ -173,8 +183,15 @@ def _run_row(meta: dict, run: dict | None, where: str, **extra) -> dict:
         "finished": _timestamp(facts.get("finished"), f"{where}: finished"),
         "seconds": None if facts.get("seconds") is None else _number(facts["seconds"], f"{where}: seconds"),
         "meta": json.dumps(facts, sort_keys=True),
+        "training_seed": _training_seed(facts.get("training_seed"), f"{where}: training_seed"),
         **extra,
     }
+
+
+def _training_seed(value, where: str) -> int | None:
+    if value is not None and not _whole(value):
+        raise LedgerError(f"{where}: {value!r} is not a seed index (an integer >= 0)")
+    return value
 
 
 def _timing_points(run: dict | None, where: str) -> list[tuple[int, str, float]]:
@@ -238,7 +255,31 @@ def _add_training_run(rows: Rows, model_dir: Path, label: str) -> str | None:
     for step, key, value in curve + _timing_points(run, run_record_path(model_dir).as_posix()):
         rows.add("curves", run_id=run_id, step=step, key=key, value=value)
     _add_files(rows, run_id, model_dir, {"model.safetensors": meta.get("weights_sha256")})
+    _add_budget(rows, run_id, (run or {}).get("budget"), run_record_path(model_dir).as_posix())
     return run_id
+
+
+def _budget_counts(counts: dict, where: str) -> dict:
+    """Images, forward rows and optimizer steps (whole numbers) and CPU seconds, each checked."""
+    checked = {}
+    for key in BUDGET:
+        value = _number(counts.get(key), f"{where}.{key}")
+        if value < 0 or (key != "cpu_s" and not value.is_integer()):
+            raise LedgerError(f"{where}.{key}: {counts[key]!r} is not a count")
+        checked[key] = value if key == "cpu_s" else int(value)
+    return checked
+
+
+def _add_budget(rows: Rows, run_id: str, budget, where: str) -> None:
+    """A training run's budgets row from its run record's `budget`: none without one (a folder from before
+    budgets), null totals when the record does not know them (a parent from before budgets)."""
+    if budget is None:
+        return
+    if not isinstance(budget, dict) or not isinstance(budget.get("total"), dict | None):
+        raise LedgerError(f"{where}: budget: not a mapping of counts whose `total` is one too (or null)")
+    own = _budget_counts(budget, f"{where}: budget")
+    total = {} if budget.get("total") is None else _budget_counts(budget["total"], f"{where}: budget.total")
+    rows.add("budgets", run_id=run_id, **own, **{f"total_{key}": value for key, value in total.items()})
 
 
 def _check_metrics(record, where: str) -> dict:
@@ -467,6 +508,7 @@ def create_tables(con) -> None:
         key = " PRIMARY KEY" if table == "runs" else ""
         body = ", ".join(f"{c} {t}{key if c == 'run_id' else ''}" for c, t in cols.items())
         con.execute(f"CREATE TABLE IF NOT EXISTS {table} ({body})")
+    con.execute("ALTER TABLE runs ADD COLUMN IF NOT EXISTS training_seed INTEGER")  # a ledger from before seeds
 
 
 def _rollback(con) -> None:

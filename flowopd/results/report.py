@@ -1,12 +1,14 @@
 """The report: what the `report` stage writes into `reports/` from the ledger, for the current pipeline's eval shards
 (their run_ids pick the current rows of a ledger that keeps the whole history).
 
-- `main_table.csv` / `.md` / `.tex`: one row per model label of the main evaluation setting, per task the headline metric (mean over prompts and
-  seeds) and `avg` = mean over tasks of headline / normaliser (the paper's Avg = mean(GenEval, OCR, DeQA/5,
-  PickScore/26)), each with its 95% bootstrap interval (`<column>_lo`, `<column>_hi`; `flowopd/results/bootstrap.py`);
+- `main_table.csv` / `.md` / `.tex`: one row per model label of the main evaluation setting, per task the headline
+  metric (mean over training seeds of the mean over prompt rows and evaluation seeds) and `avg` = mean over tasks of
+  headline / normaliser (the paper's Avg = mean(GenEval, OCR, DeQA/5, PickScore/26)), each with its 95% bootstrap
+  interval (`<column>_lo`, `<column>_hi`; `flowopd/results/bootstrap.py`); the CSV adds `n_seeds` and `n_prompts`;
+- `claims.csv`: the paper's claims, one row per comparison (`flowopd/results/claims.py`);
 - `mar_table.md` (every metric of the quality benchmark), `exploit_table.md` (share of prompt-ignoring samples);
 - `plots/tasks.png`, `plots/curves_<phase>.png`, `grids/<model>_<task>.png`, and `README.md` indexing them all,
-  with the paper's claims decided from the intervals (`flowopd/results/claims.py`) and a table per other evaluation
+  with the paper's claims rendered from claims.csv and a table per other evaluation
   setting (an ablation of `evaluation`); under each table, the run and shard every row comes from.
 The numbers come from `flowopd.results.tables` (the same frames a notebook gets) and are rendered by `flowopd.results.formats`.
 Polars, DuckDB and matplotlib are imported inside functions (fast `flowopd` start-up).
@@ -31,13 +33,19 @@ if TYPE_CHECKING:
 DEFAULT_OUT = Path("reports")
 DIGITS = 3  # decimals of every number the report prints (CSV: 6)
 CURVES_SQL = """
-SELECT r.phase, r.model, c.key, c.step, c.value
+SELECT r.phase, r.model, {seed} AS training_seed, c.key, c.step, c.value
 FROM runs r JOIN curves c ON c.run_id = r.run_id
 WHERE r.run_id IN (SELECT run_id FROM wanted)
-ORDER BY r.phase, r.model, c.key, c.step
+ORDER BY r.phase, r.model, training_seed, c.key, c.step
 """
-INTERVALS = ("[lo, hi]: the 95% bootstrap confidence interval of the mean (prompts resampled with all their seeds, "
-             "4000 resamples, fixed seed; `flowopd/results/bootstrap.py`)")
+
+
+def intervals_text() -> str:
+    from flowopd.results.bootstrap import RESAMPLES
+
+    return ("[lo, hi]: the 95% bootstrap confidence interval of the mean (a row's training seeds resampled, then the "
+            "distinct prompt texts, each with all its prompt rows and evaluation seeds; "
+            f"{RESAMPLES:,} resamples, fixed seed; `flowopd/results/bootstrap.py`)")
 
 
 def safe_name(label: str) -> str:
@@ -49,37 +57,69 @@ def provenance(values: pl.DataFrame) -> str:
     """Which run each row comes from: a Markdown table of label, ledger run_id, eval shard, spec and git."""
     from flowopd.results.tables import model_order
 
-    runs = values.select("model", "run_id", "shard", "spec_name", "git_rev", "git_dirty", "evaluation").unique()
-    runs = sorted(runs.iter_rows(), key=lambda r: model_order(r[0]))
+    runs = values.select("model", "training_seed", "run_id", "shard", "spec_name", "git_rev", "git_dirty",
+                         "evaluation").unique()
+    runs = sorted(runs.iter_rows(), key=lambda r: (model_order(r[0]), r[1]))
     settings = ", ".join(sorted({f"`{(e or '?')[:10]}`" for *_, e in runs}))
-    lines = [(f"Rows of evaluation setting {settings} (the eval sub-spec's hash), each from one run (ledger "
-              "`run_id`; `flowopd ledger sql \"SELECT * FROM runs WHERE run_id = '...'\"`):"), "",
-             "| row | run_id | shard | spec | git |", "|---|---|---|---|---|"]
-    lines += [f"| {m} | `{r}` | `{shard}` | {spec} | {(g or '?')[:8]}{'+dirty' if d else ''} |"
-              for m, r, shard, spec, g, d, _ in runs]
+    lines = [(f"Rows of evaluation setting {settings} (the eval sub-spec's hash), each from one run per training "
+              "seed (ledger `run_id`; `flowopd ledger sql \"SELECT * FROM runs WHERE run_id = '...'\"`):"), "",
+             "| row | training seed | run_id | shard | spec | git |", "|---|---|---|---|---|---|"]
+    lines += [f"| {m} | {seed} | `{r}` | `{shard}` | {spec} | {(g or '?')[:8]}{'+dirty' if d else ''} |"
+              for m, seed, r, shard, spec, g, d, _ in runs]
     return "\n".join(lines)
+
+
+def _span(values: list) -> str:
+    """'16', or '16-20' where the rows differ; '?' where unknown."""
+    known = sorted({v for v in values if v is not None})
+    return "?" if not known else str(known[0]) if len(known) == 1 else f"{known[0]}-{known[-1]}"
+
+
+def design_text(results: Results, frame: pl.DataFrame) -> str:
+    """What the cells were measured on, from the data: per task the headline, distinct prompts, prompt rows and
+    evaluation seeds; then the training seeds of the rows."""
+    import polars as pl
+
+    info = results.values.group_by("benchmark").agg(pl.col("headline", "normaliser").first(), pl.col("n"),
+                                                    pl.col("seed").n_unique())
+    info = {b: (h, z, n, s) for b, h, z, n, s in info.iter_rows()}
+    prompts = {} if results.prompts is None else dict(
+        results.prompts.group_by("benchmark").agg(pl.col("prompts")).iter_rows())
+    described = "; ".join(
+        f"{t}: `{info[t][0]}` (normaliser {info[t][1]:g}; {_span(prompts.get(t, [None]))} distinct prompts in "
+        f"{_span(info[t][2])} prompt rows; {info[t][3]} evaluation seeds)" for t in results.tasks)
+    by_count: dict[int, list[str]] = {}
+    for model, n in frame.select("model", "n_seeds").iter_rows():
+        if n is not None:
+            by_count.setdefault(n, []).append(model)
+    if len(by_count) == 1:
+        n = next(iter(by_count))
+        seeds = f"{n} training seed{'s' * (n != 1)} (trained model{'s' * (n != 1)}) per row"
+    else:
+        seeds = "training seeds per row: " + "; ".join(f"{n}: {', '.join(models)}"
+                                                       for n, models in sorted(by_count.items(), reverse=True))
+    return f"Headline metrics: {described}. {seeds[0].upper()}{seeds[1:]}." if by_count else \
+        f"Headline metrics: {described}."
 
 
 def main_markdown(results: Results, frame: pl.DataFrame) -> str:
     """The main table as Markdown, cells mean [lo, hi], and what the numbers are under it."""
-    import polars as pl
-
     from flowopd.results.formats import markdown
 
-    info = results.values.group_by("benchmark").agg(pl.col("headline", "normaliser", "n").first(),
-                                                    pl.col("seed").n_unique())
-    info = {b: (h, z, n, s) for b, h, z, n, s in info.iter_rows()}
-    described = "; ".join(f"{t}: `{info[t][0]}` (normaliser {info[t][1]:g}, {info[t][2]} prompts, "
-                          f"{info[t][3]} seeds)" for t in results.tasks)
     missing = "" if results.estimates else " The ledger holds no per-sample scores for these runs: no intervals."
     return "\n".join([
         "# Main table", "", markdown(frame, DIGITS),
-        ("Each task cell is the task's headline metric on its benchmark (the test prompts), the mean over prompts "
-         f"and seeds; {INTERVALS}. Bold: the best value of each column. Headline metrics: {described}.{missing}"), "",
+        ("Each task cell is the task's headline metric on its benchmark (the test prompts): the mean over a row's "
+         "training seeds of each trained model's mean over prompt rows and evaluation seeds; a prompt text may fill "
+         f"several rows. {intervals_text()}. Bold: the best value of each column. "
+         f"{design_text(results, frame)}{missing}"), "",
         ("`avg` = mean over tasks of headline / normaliser, as the paper's Avg = mean(GenEval, OCR, DeQA/5, "
-         "PickScore/26); its interval resamples each task's prompts. Two rows evaluated on the same prompts and "
-         "seeds share their resamples, so their difference has a paired interval (`flowopd report compare`, the "
-         "claims in `README.md`), often much narrower than the two rows' intervals suggest. `–`: no result."), "",
+         "PickScore/26); its interval resamples the training seeds once for every task and each task's prompts. "
+         "Two rows evaluated on the same prompts and seeds share their resamples, so their difference has a paired "
+         "interval (`flowopd report compare`, the claims in `README.md`), often much narrower than the two rows' "
+         "intervals suggest. `n_seeds`, `n_prompts` and the training budget of each row (`train_images`, "
+         "`train_cpu_s`: its own phase and every phase it descends from, the base left out) are in "
+         "`main_table.csv`. `–`: no result."), "",
         provenance(results.values), "",
     ])
 
@@ -92,7 +132,7 @@ def other_settings_markdown(groups: list[Results]) -> str:
         return ""
     lines = ["## Other evaluation settings", "",
              ("Rows evaluated under other evaluation settings (other prompts, seeds or benchmarks): not comparable "
-              f"with the main table, so neither in it nor in the claims; {INTERVALS}."), ""]
+              f"with the main table, so neither in it nor in the claims; {intervals_text()}."), ""]
     for results in groups:
         lines += [markdown(results.main_table(), DIGITS), provenance(results.values), ""]
     return "\n".join(lines)
@@ -105,7 +145,7 @@ def mar_markdown(frame: pl.DataFrame, benchmark: str) -> str:
         return f"# MAR table\n\nNo evaluated model has a `{benchmark}` benchmark.\n"
     return "\n".join([
         f"# MAR table: the `{benchmark}` benchmark, every metric", "", markdown(frame, DIGITS),
-        (f"Mean over prompts and seeds; {INTERVALS}. Manifold Anchor Regularisation (MAR) keeps the student's steps "
+        (f"Mean over prompts and seeds; {intervals_text()}. Manifold Anchor Regularisation (MAR) keeps the student's steps "
          "near the anchor's; compare `flow_opd` with `flow_opd:no_mar` (lambda 0) and `flow_opd:anchor_base` "
          "(anchor = base)."), ""])
 
@@ -121,7 +161,7 @@ def exploit_markdown(frame: pl.DataFrame) -> str:
         "# Exploit table: share of prompt-ignoring samples", "", markdown(frame, DIGITS, best="min"),
         ("Per model and benchmark, the share of samples (prompts x seeds) the evaluation's detector flags as "
          f"ignoring the prompt (`{EXPLOIT_METRIC}`): a reward that scores high on such images is being exploited. "
-         f"Lower is better (bold: lowest); {INTERVALS}."), ""])
+         f"Lower is better (bold: lowest); {intervals_text()}."), ""])
 
 
 def claims_markdown(claims: pl.DataFrame) -> str:
@@ -129,13 +169,19 @@ def claims_markdown(claims: pl.DataFrame) -> str:
 
     return "\n".join([
         "## The paper's claims", "",
-        ("Each claim compares a difference of means d = a − b, its 95% bootstrap interval [lo, hi] (prompts "
-         "resampled with their seeds, paired where both rows were evaluated on the same prompts and seeds), with a "
-         "threshold t on the claimed side d > t. **holds**: lo > t, the whole interval on the claimed side; "
-         "**fails**: hi < t, the whole interval on the other side; **unresolved**: the interval contains t, or a row "
-         "the claim needs is missing (named) or has no per-sample scores. A claim of several comparisons holds when "
-         "all hold, fails when any fails, and is unresolved otherwise (each interval is 95% on its own). Computed "
-         "by `flowopd/results/claims.py` (`flowopd report claims`)."), "",
+        ("[claims.csv](claims.csv) holds one row per comparison (claim, metric, estimate, lo, hi, margin, verdict, "
+         "n_seeds, n_prompts); this section renders it. Each comparison is a difference of means d = a − b on the "
+         "normalised scale (headline / normaliser), with its bootstrap interval [lo, hi] (training seeds, then "
+         "distinct prompts resampled; paired where both rows were evaluated on the same prompts and seeds), "
+         "Bonferroni-corrected over all m rows of the file so that all intervals hold together at 95%. "
+         "`student_matches_teachers` is a non-inferiority test (the paper: \"matches or exceeds\"): **holds** when "
+         "lo > −margin, **fails** when hi < −margin. The other claims are superiority by at least the smallest "
+         "effect worth reporting: **holds** when lo > margin, **fails** when hi < margin (the data exclude an "
+         "effect that large). **unresolved**: the interval contains the threshold, or a row the comparison needs "
+         "is missing or has no per-sample scores (named). A claim of several comparisons holds when all hold, "
+         "fails when any fails, and is unresolved otherwise. `n_seeds`, `n_prompts`: the training seeds and "
+         "distinct test prompts the interval rests on (the smaller of the two rows). Computed by "
+         "`flowopd/results/claims.py` (`flowopd report claims`)."), "",
         *claim_lines(claims, DIGITS), ""])
 
 
@@ -175,7 +221,8 @@ def plot_tasks(results: Results, frame: pl.DataFrame, path: Path) -> None:
 
 
 def plot_curves(curves: pl.DataFrame, phase: str, path: Path) -> None:
-    """One panel per curve key (loss, reward, kl, ...), a line per model; a faint raw line and a running mean."""
+    """One panel per curve key (loss, reward, kl, ...), a line per model and training seed; a faint raw line and a
+    running mean."""
     import polars as pl
 
     from flowopd.results.tables import model_order
@@ -184,13 +231,17 @@ def plot_curves(curves: pl.DataFrame, phase: str, path: Path) -> None:
     data = curves.filter(pl.col("phase") == phase)
     keys = sorted(set(data["key"].to_list()) - {"seconds"}, key=lambda k: (k not in ("loss", "reward"), k))
     figure, axes = plt.subplots(1, max(len(keys), 1), figsize=(4 * max(len(keys), 1), 3.2), squeeze=False)
+    runs = sorted(data.select("model", "training_seed").unique().iter_rows(), key=lambda r: (model_order(r[0]), r[1]))
+    seeded = {model for model, _ in runs if sum(m == model for m, _ in runs) > 1}  # several training seeds
     for ax, key in zip(axes[0], keys):
-        for i, model in enumerate(sorted(data["model"].unique().to_list(), key=model_order)):
-            line = data.filter((pl.col("key") == key) & (pl.col("model") == model)).sort("step")
+        for i, (model, seed) in enumerate(runs):
+            line = data.filter((pl.col("key") == key) & (pl.col("model") == model)
+                               & (pl.col("training_seed") == seed)).sort("step")
             window = max(1, line.height // 50)
             smooth = line["value"].rolling_mean(window_size=window, min_samples=1)
+            label = f"{model} (seed {seed})" if model in seeded else model
             ax.plot(line["step"], line["value"], color=f"C{i}", alpha=0.25, linewidth=0.8)
-            ax.plot(line["step"], smooth, color=f"C{i}", label=model, linewidth=1.4)
+            ax.plot(line["step"], smooth, color=f"C{i}", label=label, linewidth=1.4)
         ax.set_title(f"{phase}: {key}")
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -216,8 +267,9 @@ def _readme(main: str, phases: list[str], grids: dict[str, dict[str, str]], task
         "Written by the `report` stage (`python stages/report.py`) from the ledger; do not edit by hand.", "",
         ("- [main_table.md](main_table.md) / [main_table.csv](main_table.csv) / [main_table.tex](main_table.tex): "
          "one row per model, the headline metric per task and the normalised average `avg`, each the mean over "
-         "prompts and seeds with its 95% bootstrap interval (CSV: `<column>_lo`, `<column>_hi`; TeX: a booktabs "
-         "tabular for `\\input`)."),
+         "training seeds, prompts and evaluation seeds with its 95% bootstrap interval (CSV: `<column>_lo`, "
+         "`<column>_hi`, and the row's `n_seeds` and `n_prompts`; TeX: a booktabs tabular for `\\input`)."),
+        "- [claims.csv](claims.csv): the paper's claims, one row per comparison (rendered below).",
         "- [plots/tasks.png](plots/tasks.png): per-task bars per model, error bars the 95% intervals.",
         "- [mar_table.md](mar_table.md): every metric of the quality benchmark per model, with and without MAR.",
         f"- [exploit_table.md](exploit_table.md): {exploit_line}.",
@@ -227,8 +279,8 @@ def _readme(main: str, phases: list[str], grids: dict[str, dict[str, str]], task
          "e.g. `flowopd ledger sql \"SELECT model, spec_name, finished FROM runs WHERE phase = 'eval'\"`."),
         "- `metrics/` and `curves/`: the per-stage DVC metrics and plots (`dvc metrics show`, `dvc plots show`).", "",
         claims,
-        ("Sample grids (`grids/<model>_<task>.png`): each model's first images of its first evaluation seed, the "
-         "prompt under each image:"), "",
+        ("Sample grids (`grids/<model>_<task>.png`): each row's first images (its first training seed's model, "
+         "first evaluation seed), the prompt under each image:"), "",
         *grid_table, "",
         main.replace("# Main table", "## Main table", 1),
         "![tasks](plots/tasks.png)", "",
@@ -244,7 +296,7 @@ def build(shards: list[str | Path], db: str | Path = DEFAULT_DB, out: str | Path
     """Write the report of the current eval shards into `out`; returns the main table."""
     from flowopd.results import formats as render
     from flowopd.results import tables
-    from flowopd.results.claims import claims_frame
+    from flowopd.results.claims import claims_frame, csv_frame
 
     out = Path(out)
     with connect(db, read_only=True) as con:
@@ -257,10 +309,12 @@ def build(shards: list[str | Path], db: str | Path = DEFAULT_DB, out: str | Path
     main, mar_frame, exploit_frame = (main_markdown(results, frame), results.metric_table(quality_benchmark),
                                       results.exploit_table())
     mar, exploit = mar_markdown(mar_frame, quality_benchmark), exploit_markdown(exploit_frame)
-    claims = claims_markdown(claims_frame(results, quality_benchmark))
-    caption = ("Main table: headline metric per task and avg (mean of headline / normaliser), mean over prompts "
-               "and seeds, [95% bootstrap interval]; bold: best per column.")
+    claims_table = claims_frame(results, quality_benchmark)
+    claims = claims_markdown(claims_table)
+    caption = ("Main table: headline metric per task and avg (mean of headline / normaliser), mean over training "
+               "seeds, prompts and evaluation seeds, [95% bootstrap interval]; bold: best per column.")
     write_text(out / "main_table.csv", render.csv(frame))
+    write_text(out / "claims.csv", render.csv(csv_frame(claims_table)))
     write_text(out / "main_table.md", main)
     write_text(out / "main_table.tex", render.latex(frame, DIGITS, caption=caption))
     write_text(out / "mar_table.md", mar)
@@ -272,7 +326,8 @@ def build(shards: list[str | Path], db: str | Path = DEFAULT_DB, out: str | Path
             plot_curves(curves, phase, folder / f"curves_{phase}.png")
     grids: dict[str, dict[str, str]] = {}  # model -> task -> file name
     with atomic_folder(out / "grids") as folder:
-        for model, run_id in results.values.select("model", "run_id").unique().iter_rows():
+        shown = results.values.select("model", "training_seed", "run_id").unique().sort("model", "training_seed")
+        for model, _, run_id in shown.unique("model", keep="first", maintain_order=True).iter_rows():  # first seed
             for grid in shard_of[run_id].glob("grid_*.png"):
                 task = grid.stem.removeprefix("grid_")
                 name = f"{safe_name(model)}_{task}.png"

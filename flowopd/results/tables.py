@@ -10,15 +10,19 @@ The report stage renders these frames (Markdown, CSV, LaTeX: `flowopd.results.fo
     tables.mar_table(); tables.exploit_table()
     claims.claims(); compare.compare_frame("specs/a.yaml", "specs/b.yaml")   # flowopd.results.claims, .compare
 
-A cell is the mean over prompts and seeds of a metric (equal to the mean over seeds of metrics.json's values);
-`<column>_lo` / `<column>_hi` bound its 95% bootstrap interval (`flowopd.results.bootstrap`: prompts resampled with their
-seeds, paired across rows evaluated on the same prompts and seeds), null where the ledger holds no per-sample
-scores. `rows` entries are label globs (`teacher:*`) or spec globs (`specs/ablations/*.yaml`: each spec's label),
-in the order given; a label without results is a row of nulls (and a note on stderr), so a table never hides it.
+A cell is the mean over a row's training seeds of each trained model's mean over prompt rows and evaluation seeds
+(for one model: the mean over seeds of metrics.json's values); `<column>_lo` / `<column>_hi` bound its 95% bootstrap
+interval (`flowopd.results.bootstrap`: training seeds resampled, then distinct prompt texts with all their rows and
+seeds; paired across rows evaluated on the same prompts and seeds), null where the ledger holds no per-sample scores.
+`n_seeds` counts a row's training seeds, `n_prompts` the distinct test prompts of its tasks (the smallest);
+`train_images` / `train_cpu_s`: what its model cost to train, its lineage included (flowopd.results.budgets).
+`rows` entries are label globs (`teacher:*`) or spec globs (`specs/ablations/*.yaml`: each spec's label), in the
+order given; a label without results is a row of nulls (and a note on stderr), so a table never hides it.
 
-A row is a label's model (its lineage: the model artifact's hash) under one evaluation setting (the eval sub-spec's
-hash): an ablation that changes only `evaluation` adds rows of its own setting instead of replacing others. The
-tables and claims show the main setting's rows (the setting with the most rows); `load_groups` gives every setting.
+A row is a label under one evaluation setting (the eval sub-spec's hash), holding one model per training seed
+(`runs.training_seed`; NULL, or a ledger without the column, counts as seed 0): an ablation that changes only
+`evaluation` adds rows of its own setting instead of replacing others. The tables and claims show the main
+setting's rows (the setting with the most rows); `load_groups` gives every setting.
 """
 
 from __future__ import annotations
@@ -33,45 +37,54 @@ import numpy as np
 import polars as pl
 
 from flowopd.results import bootstrap
-from flowopd.results.bootstrap import Design, Estimate
+from flowopd.results.bootstrap import Design, Estimate, Training
+from flowopd.results.budgets import row_budgets
 from flowopd.results.ledger import DEFAULT_DB, MEAN_TOLERANCE, LedgerError, connect, shard_run_id
 
 EXPLOIT_METRIC = "prompt_ignoring"  # share of samples a detector flags as ignoring the prompt, per benchmark
 
+# The queries below read a run's training seed as {seed} (training_seed_sql: the column where the ledger has it).
 # Headline values of the wanted eval runs, one row per (run, benchmark, seed).
 HEADLINE_SQL = """
-SELECT r.run_id, r.model, r.finished, r.parent_run_id, r.shard, r.spec_name, r.spec_hash, r.git_rev, r.git_dirty,
-       r.sections_hash AS evaluation, b.benchmark, b.position, b.headline, b.normaliser, b.n, m.seed, m.value
+SELECT r.run_id, r.model, {seed} AS training_seed, r.finished, r.parent_run_id, r.shard, r.spec_name, r.spec_hash,
+       r.git_rev, r.git_dirty, r.sections_hash AS evaluation, b.benchmark, b.position, b.headline, b.normaliser, b.n,
+       m.seed, m.value
 FROM runs r
 JOIN benchmarks b ON b.run_id = r.run_id
 JOIN metrics m ON m.run_id = b.run_id AND m.benchmark = b.benchmark AND m.metric = b.headline
 WHERE r.phase = 'eval' AND r.run_id IN (SELECT run_id FROM wanted)
 """
-# A report row is a label's model (lineage: the model artifact's hash) under one evaluation setting (the eval
-# sub-spec's hash). The latest eval run of every row, among all runs or those of one spec (hash), oldest first.
-LINEAGE = "coalesce(model_sections_hash, model_sha256, run_id)"
+# A report row is a label under one evaluation setting (the eval sub-spec's hash), one model (lineage: the model
+# artifact's hash) per training seed. The latest eval run of every (label, training seed, lineage, setting), among
+# all runs or those of one spec (hash), oldest first.
+LINEAGE = "coalesce(r.model_sections_hash, r.model_sha256, r.run_id)"
 LATEST_SQL = f"""
-SELECT run_id FROM runs WHERE phase = 'eval' AND (? IS NULL OR spec_hash = ?)
-QUALIFY row_number() OVER (PARTITION BY model, {LINEAGE}, sections_hash ORDER BY finished DESC NULLS LAST, run_id) = 1
-ORDER BY finished NULLS FIRST, run_id
+SELECT r.run_id FROM runs r WHERE r.phase = 'eval' AND (? IS NULL OR r.spec_hash = ?)
+QUALIFY row_number() OVER (PARTITION BY r.model, {{seed}}, {LINEAGE}, r.sections_hash
+                           ORDER BY r.finished DESC NULLS LAST, r.run_id) = 1
+ORDER BY r.finished NULLS FIRST, r.run_id
 """
 ROWS_SQL = f"""
-SELECT run_id, model, {LINEAGE} AS lineage, sections_hash AS evaluation, spec_name, shard, finished
-FROM runs WHERE phase = 'eval' AND run_id IN (SELECT run_id FROM wanted)
-ORDER BY finished NULLS FIRST, run_id
+SELECT r.run_id, r.model, {{seed}} AS training_seed, {LINEAGE} AS lineage, r.sections_hash AS evaluation,
+       r.spec_name, r.shard, r.finished
+FROM runs r WHERE r.phase = 'eval' AND r.run_id IN (SELECT run_id FROM wanted)
+ORDER BY r.finished NULLS FIRST, r.run_id
 """
-# Every metric of the wanted eval runs, mean over seeds.
+# Every metric of the wanted eval runs: each run's mean over evaluation seeds, then the mean over a row's runs (its
+# training seeds).
 MEANS_SQL = """
-SELECT r.model, m.benchmark, m.metric, avg(m.value) AS mean
-FROM runs r JOIN metrics m ON m.run_id = r.run_id
-WHERE r.run_id IN (SELECT run_id FROM wanted)
-GROUP BY r.model, m.benchmark, m.metric
+SELECT model, benchmark, metric, avg(mean) AS mean FROM (
+    SELECT r.model, r.run_id, m.benchmark, m.metric, avg(m.value) AS mean
+    FROM runs r JOIN metrics m ON m.run_id = r.run_id
+    WHERE r.run_id IN (SELECT run_id FROM wanted)
+    GROUP BY r.model, r.run_id, m.benchmark, m.metric)
+GROUP BY model, benchmark, metric
 """
 SAMPLES_SQL = """
-SELECT r.model, s.benchmark, s.metric, s.seed, s.prompt_index, s.prompt, s.value
+SELECT r.model, {seed} AS training_seed, s.benchmark, s.metric, s.seed, s.prompt_index, s.prompt, s.value
 FROM runs r JOIN samples s ON s.run_id = r.run_id
 WHERE r.run_id IN (SELECT run_id FROM wanted)
-ORDER BY r.model, s.benchmark, s.metric, s.prompt_index, s.seed
+ORDER BY r.model, s.benchmark, s.metric, training_seed, s.prompt_index, s.seed
 """
 
 
@@ -98,8 +111,17 @@ def sql(query: str, db: str | Path = DEFAULT_DB, params: list | None = None) -> 
             raise LedgerError(str(err).splitlines()[0]) from None
 
 
+def training_seed_sql(con, alias: str = "r") -> str:
+    """A run's training seed in SQL: the `runs.training_seed` column (NULL: 0) where the ledger has it; 0 in a
+    ledger written before the column existed."""
+    columns = con.execute("SELECT column_name FROM information_schema.columns WHERE table_name = 'runs'").fetchall()
+    return f"coalesce({alias}.training_seed, 0)" if ("training_seed",) in columns else "0"
+
+
 def query_runs(con, query: str, run_ids: list[str]) -> pl.DataFrame:
-    """A query whose `wanted` table holds `run_ids`."""
+    """A query whose `wanted` table holds `run_ids`; `{seed}` in it reads the training seed of run `r`."""
+    if "{seed}" in query:
+        query = query.replace("{seed}", training_seed_sql(con))
     con.register("wanted", pl.DataFrame({"run_id": run_ids}, schema={"run_id": pl.String}))
     try:
         return con.sql(query).pl()
@@ -108,36 +130,48 @@ def query_runs(con, query: str, run_ids: list[str]) -> pl.DataFrame:
 
 
 def row_groups(con, run_ids: list[str]) -> list[list[str]]:
-    """The run of every report row, grouped by evaluation setting: the main setting (most rows; a tie: the one
-    listed first) first. A row is (label, model lineage, evaluation setting); of its runs the latest is kept.
-    Under one setting a label names one model: two from different specs are refused, an older one of the same spec
-    (the spec was edited since) is left out with a note."""
-    groups: dict[str, dict[str, dict]] = {}  # evaluation -> label -> its row's run
+    """The runs of every report row, grouped by evaluation setting: the main setting (most rows; a tie: the one
+    listed first) first. A row is a label under one setting, holding one run per training seed; of the runs of one
+    (label, training seed) the latest is kept. Under one setting a label and training seed name one model: two from
+    different specs are refused, an older one of the same spec (the spec was edited since) is left out with a note."""
+    groups: dict[str, dict[tuple[str, int], dict]] = {}  # evaluation -> (label, training seed) -> its run
     for run in query_runs(con, ROWS_SQL, run_ids).iter_rows(named=True):  # oldest first: the latest wins
-        rows = groups.setdefault(run["evaluation"], {})
-        other = rows.get(run["model"])
+        models = groups.setdefault(run["evaluation"], {})
+        key = (run["model"], run["training_seed"])
+        other = models.get(key)
+        seed = f" and training seed {key[1]}" if key[1] else ""
         if other is not None and other["spec_name"] != run["spec_name"]:
-            raise LedgerError(f"two models labelled {run['model']!r} under one evaluation: spec "
+            raise LedgerError(f"two models labelled {run['model']!r}{seed} under one evaluation: spec "
                               f"{other['spec_name']} ({other['shard']}) and spec {run['spec_name']} ({run['shard']}); "
                               "give each its own label")
         if other is not None:
-            note(f"{run['model']}: run {other['run_id']} is older than another current run of that label and "
+            note(f"{run['model']}: run {other['run_id']} is older than another current run of that label{seed} and "
                  "evaluation; not in the table")
-        rows[run["model"]] = run
+        models[key] = run
     listed = {run_id: i for i, run_id in reversed(list(enumerate(run_ids)))}
-    order = sorted(groups.values(), key=lambda rows: (-len(rows), min(listed[r["run_id"]] for r in rows.values())))
-    return [[run["run_id"] for run in rows.values()] for rows in order]
+
+    def rows(models: dict) -> int:
+        return len({label for label, _ in models})
+
+    order = sorted(groups.values(), key=lambda m: (-rows(m), min(listed[r["run_id"]] for r in m.values())))
+    return [[run["run_id"] for run in models.values()] for models in order]
 
 
-def _cell(benchmark: str, group: pl.DataFrame) -> tuple[Design, np.ndarray] | None:
-    """A cell's design and prompt means (over seeds); None unless every prompt has every seed."""
-    group = group.sort("prompt_index", "seed")
-    prompts = group.select("prompt_index", "prompt").unique(maintain_order=True)
-    seeds = group["seed"].unique().sort().to_list()
-    if prompts["prompt_index"].n_unique() != prompts.height or group.height != prompts.height * len(seeds):
+def _cell(benchmark: str, group: pl.DataFrame) -> tuple[Design, Training, np.ndarray] | None:
+    """A cell's prompt design, training seeds and means per (training seed, distinct prompt text) over the text's
+    rows and evaluation seeds; None unless every training seed has every prompt row x evaluation seed."""
+    rows = group.select("prompt_index", "prompt").unique()
+    seeds = sorted(group["seed"].unique().to_list())
+    training = sorted(group["training_seed"].unique().to_list())
+    complete = group.select("training_seed", "prompt_index", "seed").n_unique() == group.height
+    if (not complete or rows["prompt_index"].n_unique() != rows.height
+            or group.height != rows.height * len(seeds) * len(training)):
         return None
-    design = Design(benchmark, tuple(prompts.iter_rows()), tuple(seeds))
-    return design, group["value"].to_numpy().reshape(prompts.height, len(seeds)).mean(axis=1)
+    per_text = rows.group_by("prompt").len().sort("prompt")
+    means = (group.group_by("training_seed", "prompt").agg(pl.col("value").mean()).sort("training_seed", "prompt")
+             ["value"].to_numpy().reshape(len(training), per_text.height))
+    design = Design(benchmark, tuple(per_text["prompt"]), tuple(per_text["len"]), tuple(seeds))
+    return design, Training(tuple(training)), means
 
 
 def sample_estimates(samples: pl.DataFrame, means: pl.DataFrame) -> dict[tuple[str, str, str], Estimate]:
@@ -164,9 +198,11 @@ def sample_estimates(samples: pl.DataFrame, means: pl.DataFrame) -> dict[tuple[s
 class Results:
     """The current eval runs, loaded once: headline values, every metric's mean, bootstrap estimates."""
 
-    values: pl.DataFrame  # headline value per model, run, benchmark, seed (with run provenance)
-    means: pl.DataFrame  # model, benchmark, metric, mean over seeds: every metric
+    values: pl.DataFrame  # headline value per model, run (training seed), benchmark, seed (with run provenance)
+    means: pl.DataFrame  # model, benchmark, metric, mean over training seeds of the mean over seeds: every metric
     estimates: dict[tuple[str, str, str], Estimate]
+    prompts: pl.DataFrame | None = None  # model, benchmark, prompts (distinct texts), rows, seeds: per-sample scores
+    budgets: pl.DataFrame | None = None  # model, train_images, train_cpu_s: per trained model (mean over seeds)
 
     def __post_init__(self):
         bench = self.values.group_by("benchmark").agg(pl.col("position").min(), pl.col("headline", "normaliser")
@@ -176,6 +212,11 @@ class Results:
         self.normaliser = dict(zip(self.tasks, bench["normaliser"]))
         self.models = sorted(set(self.means["model"].to_list()) | set(self.values["model"]), key=model_order)
         self._mean = {(m, b, k): v for m, b, k, v in self.means.iter_rows()}
+        seeds = self.values.group_by("model").agg(pl.col("training_seed").n_unique())
+        self._seeds = dict(seeds.iter_rows())
+        self._prompts = {} if self.prompts is None else {(m, b): p for m, b, p in
+                                                          self.prompts.select("model", "benchmark", "prompts").iter_rows()}
+        self._budgets = {} if self.budgets is None else {m: (i, c) for m, i, c in self.budgets.iter_rows()}
 
     # ------------------------------------------------------------ cells
     def mean(self, model: str, column: str, metric: str | None = None) -> float | None:
@@ -199,6 +240,22 @@ class Results:
         """a - b with bootstrap draws (paired where a and b share prompts and seeds); None if either lacks them."""
         ea, eb = self.estimate(a, column, metric), self.estimate(b, column, metric)
         return None if ea is None or eb is None else ea - eb
+
+    def n_seeds(self, model: str) -> int | None:
+        """The training seeds (trained models) of a row."""
+        return self._seeds.get(model)
+
+    def budget(self, model: str) -> tuple[int | None, float | None]:
+        """(train_images, train_cpu_s) of a row's trained model, its lineage included (flowopd.results.budgets);
+        the mean over its training seeds; None where the ledger does not know."""
+        return self._budgets.get(model, (None, None))
+
+    def n_prompts(self, model: str, column: str = "avg") -> int | None:
+        """Distinct test prompts of a task, or for avg the smallest over the row's tasks; None without per-sample
+        scores."""
+        counts = [self._prompts.get((model, t)) for t in (self.tasks if column == "avg" else [column])]
+        counts = [c for c in counts if c is not None]
+        return min(counts) if counts else None
 
     # ------------------------------------------------------------ rows and columns
     def select(self, rows: list[str] | None, exclude: tuple[str, ...] = ()) -> list[str]:
@@ -243,14 +300,21 @@ class Results:
     # ------------------------------------------------------------ the tables
     def main_table(self, rows: list[str] | None = None, columns: list[str] | None = None,
                    against: str | None = None) -> pl.DataFrame:
-        """model, then per task and avg: mean, _lo, _hi. `against`: each row minus that row (paired intervals)."""
+        """model, then per task and avg: mean, _lo, _hi; then the row's n_seeds and n_prompts. `against`: each row
+        minus that row (paired intervals)."""
         available = [*self.tasks, "avg"]
         columns = columns or available
         unknown = [c for c in columns if c not in available]
         if unknown:
             raise LedgerError(f"no column {', '.join(unknown)}; the table has {', '.join(available)}")
         models = self.select(rows, exclude=(against,) if against else ())
-        return self._frame(models, [(c, c, None) for c in columns], against)
+        counts = pl.DataFrame({"n_seeds": [self.n_seeds(m) for m in models],
+                               "n_prompts": [self.n_prompts(m) for m in models],
+                               "train_images": [self.budget(m)[0] for m in models],
+                               "train_cpu_s": [self.budget(m)[1] for m in models]},
+                              schema={"n_seeds": pl.Int64, "n_prompts": pl.Int64, "train_images": pl.Int64,
+                                      "train_cpu_s": pl.Float64})
+        return pl.concat([self._frame(models, [(c, c, None) for c in columns], against), counts], how="horizontal")
 
     def metric_table(self, benchmark: str, rows: list[str] | None = None) -> pl.DataFrame:
         """Every metric of one benchmark (the MAR table: the quality benchmark), the models that have it."""
@@ -280,10 +344,18 @@ def results_of(con, run_ids: list[str]) -> Results:
     """Results of eval runs of one evaluation setting, one run per label (a group of row_groups)."""
     values = query_runs(con, HEADLINE_SQL, run_ids)
     means = query_runs(con, MEANS_SQL, run_ids)
+    model_of = values.select("run_id", "model").unique()
+    budgets = (row_budgets(con, run_ids).join(model_of, on="run_id").group_by("model", maintain_order=True)
+               .agg(pl.col("train_images").mean().round().cast(pl.Int64), pl.col("train_cpu_s").mean().round(1))
+               .select("model", "train_images", "train_cpu_s"))
     has_samples = con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'samples'")
     samples = query_runs(con, SAMPLES_SQL, run_ids) if has_samples.fetchall()[0][0] else None
-    estimates = sample_estimates(samples, means) if samples is not None and samples.height else {}
-    return Results(values, means, estimates)
+    if samples is None or not samples.height:
+        return Results(values, means, {}, budgets=budgets)
+    prompts = samples.group_by("model", "benchmark").agg(prompts=pl.col("prompt").n_unique(),
+                                                         rows=pl.col("prompt_index").n_unique(),
+                                                         seeds=pl.col("seed").n_unique())
+    return Results(values, means, sample_estimates(samples, means), prompts, budgets)
 
 
 def load_groups(con, run_ids: list[str]) -> list[Results]:
@@ -299,7 +371,8 @@ def load_runs(con, run_ids: list[str]) -> Results:
 def current_run_ids(con, shards: list | None = None, db: str | Path = DEFAULT_DB, spec_hash: str | None = None):
     """The eval runs of `shards` (each must be in the ledger), else the latest eval run of every row."""
     if not shards:
-        return [r[0] for r in con.execute(LATEST_SQL, [spec_hash, spec_hash]).fetchall()]
+        query = LATEST_SQL.replace("{seed}", training_seed_sql(con))
+        return [r[0] for r in con.execute(query, [spec_hash, spec_hash]).fetchall()]
     run_of = {shard_run_id(s): Path(s) for s in shards}
     known = {r[0] for r in con.execute("SELECT run_id FROM runs WHERE phase = 'eval'").fetchall()}
     missing = [f"{path} (run {run_id})" for run_id, path in run_of.items() if run_id not in known]

@@ -41,7 +41,7 @@ from flowopd.runtime.records import (
     process_started,
     run_record_path,
 )
-from flowopd.spec.hashing import canonical_hash, spec_hash
+from flowopd.spec.hashing import canonical_hash
 
 UMASK = os.umask(0)
 
@@ -266,5 +266,7 @@ def verify_artifact(folder: Path) -> dict[str, str]:
 
 
 def spec_identity(spec) -> dict:
-    """The spec a stage ran from (run-record facts: shared stages run from the first spec that has them)."""
-    return {"spec_name": spec.name, "spec_label": spec.label, "spec_hash": spec_hash(spec)}
+    """The spec a stage ran from (run-record facts: shared stages run from the first spec that has them). A
+    training seed's spec (Spec.for_training_seed) names the spec file's hash and the seed index too."""
+    identity = {"spec_name": spec.name, "spec_label": spec.label, "spec_hash": spec.source_hash}
+    return identity if spec.training_seed is None else identity | {"training_seed": spec.training_seed}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_serializer, model_validator
 from pydantic_core import PydanticCustomError
 
 from flowopd.spec import choices as C
@@ -13,12 +13,14 @@ from flowopd.spec.extends import deep_merge
 from flowopd.spec.fields import (
     DISCRIMINATORS,
     RESERVED_LABELS,
+    SEED_MAX,
     Label,
     Name,
+    PositiveInt,
     Section,
     Seed,
 )
-from flowopd.spec.hashing import canonical_hash
+from flowopd.spec.hashing import canonical_hash, spec_hash
 from flowopd.spec.model import BaseTraining, Model, SamplerSettings, SD3Model, TinyModel
 from flowopd.spec.tasks import Evaluation, Task, TinyPrompts, World
 from flowopd.spec.training import (
@@ -41,6 +43,9 @@ class Spec(Section):
     `_ . : ( ) + , = @ -`: it is a command-line argument of the eval stage."""
     description: Annotated[str, Field(max_length=2000)] = ""
     seed: Seed = 0
+    training_seeds: PositiveInt = 1
+    """How many times every phase after the base trains, each time with its own seed: index i trains with
+    `seed + i`; data and base are shared (docs/specs.md#training-seeds)."""
     world: World = Field(default_factory=World)
     model: Model = Field(default_factory=lambda: TinyModel(kind="tiny"))
     base: BaseTraining = Field(default_factory=BaseTraining)
@@ -54,6 +59,9 @@ class Spec(Section):
     opd: OPDSettings = Field(default_factory=OPDSettings)
     mar: MARSettings = Field(default_factory=MARSettings)
     evaluation: Evaluation = Field(default_factory=Evaluation)
+    # Set on the spec `for_training_seed` returns: its seed index and the hash of the spec it came from.
+    _training_seed: int | None = PrivateAttr(None)
+    _source_hash: str | None = PrivateAttr(None)
 
     @model_validator(mode="before")
     @classmethod
@@ -118,6 +126,44 @@ class Spec(Section):
             raise PydanticCustomError("spec_checks", "{summary}", {"summary": summary, "problems": problems})
         return self
 
+    @field_validator("training_seeds")
+    @classmethod
+    def _seeds_in_range(cls, value, info):
+        seed = info.data.get("seed")
+        if isinstance(seed, int) and seed + value - 1 > SEED_MAX:
+            raise ValueError(f"the last training seed, seed {seed} + {value - 1}, exceeds {SEED_MAX}")
+        return value
+
+    @model_serializer(mode="wrap")
+    def _omit_single_training_seed(self, handler):
+        """One training seed (the default) is left out of the dump, so specs written before the field existed keep
+        their hash."""
+        data = handler(self)
+        return {k: v for k, v in data.items() if not (k == "training_seeds" and v == 1)}
+
+    def for_training_seed(self, index: int) -> Spec:
+        """The spec as the phases after the base read it for training seed `index`: `seed` is that seed's value,
+        `seed + index` (index 0: the spec itself, unchanged). It keeps the index and the hash of this spec, which
+        its runs record (flowopd.runtime.artifacts.spec_identity); stage keys come from this spec, not from it."""
+        if self._training_seed is not None:
+            raise ValueError("this spec is already the view of one training seed: ask the spec it came from")
+        if not 0 <= index < self.training_seeds:
+            raise ValueError(f"training seed {index} is not one of the spec's {self.training_seeds} "
+                             f"(training_seeds: indices 0 to {self.training_seeds - 1})")
+        view = self.model_copy(update={"seed": self.seed + index})
+        view._training_seed, view._source_hash = index, spec_hash(self)
+        return view
+
+    @property
+    def training_seed(self) -> int | None:
+        """The training seed index of a spec from `for_training_seed`; None for a spec read from a file."""
+        return self._training_seed
+
+    @property
+    def source_hash(self) -> str:
+        """The hash of the spec as its file gives it (for one from `for_training_seed`: the original's)."""
+        return self._source_hash or spec_hash(self)
+
     def sections(self, *names: str) -> dict:
         """The named top-level sections as JSON-ready data: the sub-spec a phase depends on."""
         if not names:
@@ -147,6 +193,8 @@ def cross_field_problems(spec: Spec) -> list[tuple[tuple, str]]:
     if isinstance(spec.model, TinyModel):
         expect(spec.world.canvas % spec.model.patch_size == 0, ("model", "patch_size"),
                f"patch_size {spec.model.patch_size} does not divide world.canvas {spec.world.canvas}")
+    expect(spec.evaluation.dtype is None or isinstance(spec.model, TinyModel), ("evaluation", "dtype"),
+           "an sd3 model samples in model.dtype; evaluation.dtype sets the tiny model's")
     for name, task in spec.tasks.items():
         tiny_prompts = isinstance(task.prompts, TinyPrompts)
         if isinstance(spec.model, SD3Model):

@@ -171,5 +171,8 @@ class Evaluation(MicroBatch, DecodeBatch):
     """Prompts per benchmark; null: the task's whole test set."""
     grid_size: PositiveInt = 16
     """Images per sample grid in the report."""
+    dtype: Literal[C.DTYPES] | None = None
+    """The transformer's precision while it samples the benchmarks (no gradients); null: the model's own (tiny fp32,
+    sd3 `model.dtype`). Tiny only: bf16 samples about 2x faster on a CPU with bf16 units, at 64 prompts per call."""
 
     _check_unique = field_validator("benchmarks", "seeds")(unique)

@@ -24,6 +24,7 @@ import numpy as np
 from flowopd.flow.sampler import Trajectory, sample
 from flowopd.models.bundle import Condition, micro_batched_decode, micro_batched_scores, micro_batches
 from flowopd.runtime.processes import Processes
+from flowopd.runtime.records import tally
 from flowopd.train.streams import NOISE_STREAM, PROMPT_STREAM, step_generator, step_rng
 
 ADV_EPS = 1e-4
@@ -82,6 +83,7 @@ def draw_rollout(bundle, prompts: list, prompt_tasks: np.ndarray, sampler, promp
         log_prob_reduction=sampler.logprob_reduction, share=(processes.index, processes.count),
         transformer=transformer, sde=sampler.sde, window=sampler.sde_window, micro_batch=micro_batch,
     )
+    tally("images", len(x))  # this process's rows of the step's samples (the training budget)
     samples = [prompts[i] for i in chosen for _ in range(group_size)][rows]
     tasks = np.repeat(np.asarray(prompt_tasks)[chosen], group_size)[rows]
     if not decode or on_decoded is None:

@@ -15,8 +15,9 @@ The driver:
   `checkpoint_every` steps (the main process writes them) and resumes from the last one, after kill -9 too, to
   bit-identical weights on CPU;
 - `run_training`: a training phase around it: train, put the EMA weights in, and from the main process write the
-  artifact atomically (weights, curve.csv, spec.json + meta.json provenance, flowopd.runtime.artifacts), then drop the
-  checkpoint. Several processes follow the same steps and wait for the main one.
+  artifact atomically (weights, curve.csv, spec.json + meta.json provenance, flowopd.runtime.artifacts; the phase's
+  budget, what its Meter counted, goes to the run record), then drop the checkpoint. Several processes follow the
+  same steps and wait for the main one.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from flowopd.runtime.artifacts import (
     write_provenance,
 )
 from flowopd.runtime.processes import Processes
+from flowopd.runtime.records import BUDGET, Meter, budget, tally
 from flowopd.spec.hashing import canonical_hash
 from flowopd.train.policy import (
     ADAPTER,
@@ -80,6 +82,7 @@ class Trainer:
         self.processes.sum_gradients(self.params)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.settings.grad_clip or float("inf"))
         self.optimizer.step()
+        tally("optimizer_steps", int(self.processes.is_main))  # one step of the model, however many processes took it
         return grad_norm.item()
 
     # -- state ---------------------------------------------------------------------------------------------
@@ -107,11 +110,12 @@ class Trainer:
 
 
 def train(trainer: Trainer, steps: int, checkpoints: Checkpoints | None = None, checkpoint_every: int = 50,
-          progress: bool = True, on_step=None, desc: str = "train") -> list[dict]:
+          progress: bool = True, on_step=None, desc: str = "train", meter: Meter | None = None) -> list[dict]:
     """Run steps [resumed step, steps); checkpoint every `checkpoint_every`. Returns the curve (one row per step).
 
     `on_step(step)` runs after each step and its checkpoint (tests interrupt a run there). Over several processes
-    every one resumes from the same checkpoint; the main one alone shows the bar and writes checkpoints.
+    every one resumes from the same checkpoint; the main one alone shows the bar and writes checkpoints. `meter`:
+    the phase's, whose spending so far each checkpoint keeps, so a resumed run's budget counts the killed run's too.
     """
     curve, first, elapsed = [], 0, 0.0
     is_main = trainer.processes.is_main
@@ -119,6 +123,8 @@ def train(trainer: Trainer, steps: int, checkpoints: Checkpoints | None = None, 
     if state is not None:
         trainer.load_state_dict(state["trainer"])
         curve, first, elapsed = state["curve"], state["step"], state["seconds"]
+        if meter is not None:
+            meter.carry(state.get("budget"), add=is_main)  # every process's spending, counted once
         if is_main:
             print(f"resuming {desc} from step {first} ({checkpoints.path})")
     start = time.perf_counter() - elapsed
@@ -132,27 +138,34 @@ def train(trainer: Trainer, steps: int, checkpoints: Checkpoints | None = None, 
         curve.append(row)
         bar.set_postfix({k: "-" if row.get(k) is None else f"{row[k]:.3g}" for k in trainer.progress_keys})
         done = step + 1
-        if checkpoints is not None and is_main and done % checkpoint_every == 0 and done < steps:
-            checkpoints.save({"trainer": trainer.state_dict(), "curve": curve, "step": done,
-                              "seconds": row["seconds"]})
+        if checkpoints is not None and done % checkpoint_every == 0 and done < steps:
+            spending = spent(meter, trainer.processes) if meter is not None else None  # every process takes part
+            if is_main:
+                checkpoints.save({"trainer": trainer.state_dict(), "curve": curve, "step": done,
+                                  "seconds": row["seconds"], "budget": spending})
         if on_step is not None:
             on_step(step)
     return curve
 
 
 def run_training(trainer: Trainer, *, spec, phase: str, out: Path, sub_spec: dict, inputs: dict, provenance: dict,
-                 started: str, start: float, curve_path: Path | None = None, progress: bool = True) -> None:
+                 started: str, start: float, curve_path: Path | None = None, progress: bool = True,
+                 meter: Meter | None = None, parents=()) -> None:
     """Train `trainer` for settings.steps, resuming from `<out>.ckpt`, and write the EMA model to `out` atomically.
 
     inputs: what the run depends on besides its sub-spec (input artifacts' hashes, the prompts' digest): with the
     sub-spec it fingerprints the checkpoint, so one from other settings or inputs is not resumed. provenance: the
     phase's own meta.json fields; the driver adds the spec's identity, the process count, sizes, times and the
     weights' sha256. started / start: when the phase began (ISO time, time.time()), model loading included.
+    meter: the phase's (made when it began), whose count becomes the run record's budget with the lineage of
+    `parents`, the model folders the phase started from or learned from (flowopd.runtime.records.budget).
     """
     settings, processes, out = trainer.settings, trainer.processes, Path(out)
     checkpoints = Checkpoints(checkpoint_folder(out), canonical_hash({"sub_spec": sub_spec, **inputs}))
-    curve = train(trainer, settings.steps, checkpoints, settings.checkpoint_every, progress, desc=f"{phase} {out.name}")
+    curve = train(trainer, settings.steps, checkpoints, settings.checkpoint_every, progress, desc=f"{phase} {out.name}",
+                  meter=meter)
     trainer.apply_ema()
+    spending = spent(meter, processes) if meter is not None else None  # every process takes part
     if not processes.is_main:  # the same weights everywhere; the main process writes them
         processes.wait()
         return
@@ -164,11 +177,22 @@ def run_training(trainer: Trainer, *, spec, phase: str, out: Path, sub_spec: dic
             lora=trainer.lora is not None, trainable_parameters=sum(p.numel() for p in trainer.params),
             steps=settings.steps, train_seconds=curve[-1]["seconds"], started=started, finished=now(),
             seconds=round(time.time() - start, 2), weights_sha256=sha256_file(weights_file),
+            budget=budget(spending, parents),
         )
     if curve_path is not None:
         write_curve(curve_path, curve)
     checkpoints.clear()
     processes.wait()
+
+
+def spent(meter: Meter, processes: Processes) -> dict | None:
+    """What every process has spent since the phase's meter was made (a collective: every process calls it); None
+    when unknown. Optimizer steps are the model's, counted by the main process alone."""
+    mine = meter.spent()
+    if mine is None:
+        return None
+    total = processes.sum([float(mine[key]) for key in BUDGET])  # float64: counts stay exact below 2^53
+    return {key: value if key == "cpu_s" else round(value) for key, value in zip(BUDGET, total)}
 
 
 def lora_settings(spec, settings):

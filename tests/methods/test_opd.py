@@ -489,3 +489,14 @@ def test_stage_command_line_with_the_base_as_anchor_and_default_teacher(phase_in
     meta = json.loads((tmp_path / "student" / "meta.json").read_text())
     assert meta["routing"] == {"text": 8, "base": 16} and meta["anchor"] == "base"
     assert set(meta["teachers"]) == {"text", "base"}
+
+
+def test_targets_batched_over_trained_steps_equal_one_step_at_a_time(spec, states, pool):
+    teachers = {name: bundle_of(spec, states[name]) for name in ("text", "quality")}
+    trainer = make_trainer(spec, states, pool, teachers["quality"], 0.5, teachers)
+    rollout, steps = trainer.rollout(0), [0, 1, 2]
+    batched = trainer.step_targets(rollout, steps, 3.0)
+    for t in steps:
+        alone = trainer.step_targets(rollout, [t], 3.0)[t]
+        for got, want in zip(batched[t], alone):  # float summation may differ with the forward's batch size
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -158,3 +158,17 @@ def test_the_sd3_specs_make_their_own_pipeline_with_the_same_rules():
     assert "--db sd3/reports/ledger.duckdb" in stages["ledger"]["cmd"]
     assert "--quality-benchmark deqa" in stages["report"]["cmd"]  # the MAR anchor's task: the MAR table
     assert yaml.safe_load((ROOT / "sd3/dvc.yaml").read_text()) == pipeline.build(ROOT, pipeline.PIPELINES[1])
+
+
+def label_of(stage: dict) -> str:
+    tokens = stage["cmd"].split()
+    return tokens[tokens.index("--label") + 1]
+
+
+def test_a_later_specs_own_mixed_baseline_is_its_row_unless_it_trains_a_student_too(tmp_path):
+    tree = make_tree(tmp_path, matched="label: mixed_grpo:matched\nbaseline: {method: {steps: 90}}\n",
+                     both="baseline: {method: {steps: 60}}\nmar: {weight: 0.5}\n")
+    stages = pipeline.build(tree)["stages"]
+    labels = sorted(label_of(stage) for name, stage in stages.items() if name.startswith("eval-baseline"))
+    assert labels == ["mixed_grpo", "mixed_grpo", "mixed_grpo:matched"]  # `both`'s student is its row
+    assert "both" in {label_of(stage) for name, stage in stages.items() if name.startswith("eval-opd")}

@@ -100,10 +100,14 @@ def test_main_table_rows_columns_and_avg(pipeline):
     build(current, db, out)
     rows = read_csv(out / "main_table.csv")
     assert list(rows[0]) == ["model", *(f"{c}{s}" for c in ("text", "objects", "quality", "avg")
-                                        for s in ("", "_lo", "_hi"))]
+                                        for s in ("", "_lo", "_hi")), "n_seeds", "n_prompts", "train_images",
+                         "train_cpu_s"]
     assert [r["model"] for r in rows] == ["base", "teacher:objects", "teacher:text", "mixed_grpo", "flow_opd",
                                           "flow_opd:no_mar"]
-    base = {k: float(v) for k, v in rows[0].items() if k != "model"}  # current base run, not the old 0.9 one
+    assert {(r["n_seeds"], r["n_prompts"]) for r in rows} == {("1", "4")}  # one model each, 4 prompts per task
+    assert {(r["train_images"], r["train_cpu_s"]) for r in rows} == {("", "")}  # made-up shards: no budgets
+    counts = ("model", "n_seeds", "n_prompts", "train_images", "train_cpu_s")
+    base = {k: float(v) for k, v in rows[0].items() if k not in counts}  # not the old 0.9
     means = {"text": 0.3, "objects": 0.5, "quality": 2.5, "avg": (0.3 + 0.5 + 2.5 / 5) / 3}
     # every prompt scores its seed's value, so each prompt's mean over seeds is the cell mean: no width
     assert base == pytest.approx({f"{c}{s}": v for c, v in means.items() for s in ("", "_lo", "_hi")})
@@ -223,17 +227,32 @@ def test_exploit_table_shows_the_share_of_prompt_ignoring_samples(tmp_path):
     assert "prompt_ignoring" not in main_csv[0] and len(main_csv) == 3
 
 
-def test_readme_states_each_claim_with_its_interval(spread):
+def test_readme_renders_claims_csv(spread):
     db, shards, out = spread
     build(shards, db, out)
     readme = (out / "README.md").read_text()
-    claims = [line for line in readme.splitlines() if re.match(r"- \([abcd]\) ", line)]
-    assert len(claims) == 4 and "**holds**: lo > t" in readme and "**unresolved**: the interval contains t" in readme
-    a, b, c, d = claims
-    assert "`flow_opd` − `teacher:text` on text = " in a and "(paired), claimed > −0.030" in a
-    assert re.search(r"on avg = \+0\.\d{3} \[\+0\.\d{3}, \+0\.\d{3}\] \(paired\), claimed > \+0\.000: holds", b)
-    assert c.endswith("**holds**. `flow_opd` − `flow_opd:no_mar` on quality = " + c.split(" = ")[1])
-    assert "unresolved (row flow_opd:sft_init missing)" in d and "unresolved (row flow_opd:no_cold_start missing)" in d
+    rows = read_csv(out / "claims.csv")
+    assert list(rows[0]) == ["claim", "metric", "estimate", "lo", "hi", "margin", "verdict", "n_seeds", "n_prompts"]
+    assert [r["claim"] for r in rows] == ["student_matches_teachers"] * 3 + [
+        "student_above_mixed", "mar_quality", "cold_start_merge_vs_sft", "cold_start_merge_vs_none"]
+    assert {r["verdict"] for r in rows} <= {"holds", "fails", "unresolved"}
+    assert "[claims.csv](claims.csv)" in readme and "Bonferroni, m = 7: each interval is the 99.29% " in readme
+    section = readme.split("## The paper's claims", 1)[1].split("Sample grids", 1)[0]
+    lines = {line.split("`")[1]: line for line in section.splitlines() if line.startswith("- `")}
+    assert list(lines) == ["student_matches_teachers", "student_above_mixed", "mar_quality",
+                           "cold_start_merge_vs_sft", "cold_start_merge_vs_none"]
+    for row in rows:  # every comparison of the CSV, with its numbers, in its claim's line
+        if row["lo"]:
+            numbers = [f"{float(row[c]):+.3f}".replace("-", "−") for c in ("estimate", "lo", "hi")]
+            assert f"= {numbers[0]} [{numbers[1]}, {numbers[2]}] (paired; 1 training seed, 24 distinct prompts): " \
+                   f"{row['verdict']}" in lines[row["claim"]]
+    mixed = next(r for r in rows if r["claim"] == "student_above_mixed")
+    assert mixed["verdict"] == "holds" and float(mixed["lo"]) > 0.01 and mixed["margin"] == "0.010000"
+    assert "lo > margin, margin 0.01: **holds**" in lines["student_above_mixed"]
+    assert "lo > −margin, margin 0.03" in lines["student_matches_teachers"]
+    sft = next(r for r in rows if r["claim"] == "cold_start_merge_vs_sft")
+    assert sft["verdict"] == "unresolved" and sft["lo"] == sft["estimate"] == ""
+    assert "unresolved (row flow_opd:sft_init missing)" in lines["cold_start_merge_vs_sft"]
 
 
 def test_mar_table_lists_every_quality_metric_per_model(pipeline):

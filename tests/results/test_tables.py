@@ -4,6 +4,7 @@ and `flowopd report table` in every format."""
 import runpy
 import shutil
 
+import numpy as np
 import polars as pl
 import pytest
 from test_ledger import make_shard
@@ -12,7 +13,7 @@ from test_report import SPECS, parse_latex, scored, spread_ledger
 from flowopd.cli import main
 from flowopd.results import formats as render
 from flowopd.results import tables
-from flowopd.results.ledger import LedgerError, ingest
+from flowopd.results.ledger import LedgerError, ingest, shard_run_id
 from flowopd.results.report import build
 
 
@@ -53,8 +54,10 @@ def test_rows_columns_and_differences(spread, capsys):
     db, _, _ = spread
     frame = tables.main_table(db, rows=["teacher:*", "flow_opd", "nobody"], columns=["avg", "text"])
     assert frame["model"].to_list() == ["teacher:objects", "teacher:quality", "teacher:text", "flow_opd", "nobody"]
-    assert frame.columns == ["model", "avg", "avg_lo", "avg_hi", "text", "text_lo", "text_hi"]
-    assert frame.row(4) == ("nobody", *[None] * 6)  # asked for, no results: an empty row and a note
+    assert frame.columns == ["model", "avg", "avg_lo", "avg_hi", "text", "text_lo", "text_hi", "n_seeds", "n_prompts",
+                             "train_images", "train_cpu_s"]
+    assert frame.row(4) == ("nobody", *[None] * 10)  # asked for, no results: an empty row and a note
+    assert frame.row(3)[-4:] == (1, 24, None, None)  # one training seed, 24 distinct prompts per task, no budget
     assert "nobody: no results in the ledger" in capsys.readouterr().err
     with pytest.raises(LedgerError, match="no column speed"):
         tables.main_table(db, columns=["speed"])
@@ -83,7 +86,7 @@ def test_rows_by_spec_glob_show_each_spec_label(tmp_path, monkeypatch, capsys):
         "extends: ../flow_opd.yaml\nname: anchor_base\nlabel: flow_opd:anchor_base\nmar: {anchor: base}\n")
     frame = tables.main_table(db, rows=rows)
     assert frame["model"].to_list() == ["flow_opd", "flow_opd:anchor_base", "flow_opd:no_mar", "flow_opd:sft_init"]
-    assert frame.row(1)[1:] == (None,) * 12 and "flow_opd:anchor_base: no results" in capsys.readouterr().err
+    assert frame.row(1)[1:] == (None,) * 16 and "flow_opd:anchor_base: no results" in capsys.readouterr().err
     with pytest.raises(LedgerError, match="no spec file matches specs/nothing/"):
         tables.main_table(db, rows=["specs/nothing/*.yaml"])
 
@@ -151,3 +154,78 @@ def test_samples_that_disagree_with_the_metrics_are_refused_at_ingest(tmp_path):
         with pytest.raises(LedgerError, match=message):
             ingest([shard], db)
         assert not db.exists()
+
+
+# ---------------------------------------------------------------- rows of several training seeds
+def set_training_seeds(db, seeds: dict) -> None:
+    """Record each shard's training seed (and its training run's) as the ledger's `runs.training_seed`."""
+    from flowopd.results.ledger import connect, shard_run_id
+
+    with connect(db) as con:
+        con.execute("ALTER TABLE runs ADD COLUMN IF NOT EXISTS training_seed INTEGER")
+        for shard, seed in seeds.items():
+            run_id = shard_run_id(shard)
+            con.execute("UPDATE runs SET training_seed = ? WHERE run_id = ? OR run_id = "
+                        "(SELECT parent_run_id FROM runs WHERE run_id = ?)", [seed, run_id, run_id])
+
+
+def test_a_row_holds_one_model_per_training_seed(tmp_path):
+    from test_ledger import make_model
+
+    from flowopd.results.claims import claims_frame
+
+    db, root = tmp_path / "reports/ledger.duckdb", tmp_path / "artifacts"
+    offsets = {0: -0.2, 1: 0.0, 2: 0.2}  # three trained students far apart on text
+    students = {seed: make_shard(root / f"eval/flow_opd-{seed}", "flow_opd",
+                                 samples=scored({"text": 0.1 + off, "objects": 0.2, "quality": 0.2}, seed=seed),
+                                 model_dir=make_model(root / f"opd/{seed}", phase="opd"))
+                for seed, off in offsets.items()}
+    mixed = make_shard(root / "eval/mixed", "mixed_grpo", samples=scored({"text": 0.1}, seed=7))
+    base = make_shard(root / "eval/base", "base", samples=scored({}, seed=8))  # no training seed: NULL, seed 0
+    shards = [base, mixed, *students.values()]
+    ingest(shards, db)
+    set_training_seeds(db, {mixed: 0} | {shard: seed for seed, shard in students.items()})
+
+    results = tables.load(db, shards)
+    frame = results.main_table()
+    row = {r["model"]: r for r in frame.iter_rows(named=True)}
+    assert frame["model"].to_list() == ["base", "mixed_grpo", "flow_opd"]  # one row of three models
+    per_seed = [np.mean(scored({"text": 0.1 + off}, seed=s)["text"]["score"]) for s, off in offsets.items()]
+    assert row["flow_opd"]["text"] == pytest.approx(np.mean(per_seed))  # the mean of the per-seed means
+    assert [(row[m]["n_seeds"], row[m]["n_prompts"]) for m in ("base", "mixed_grpo", "flow_opd")] == [
+        (1, 24), (1, 24), (3, 24)]
+    # the seeds' spread widens the row's interval far beyond a one-model row's of like noise
+    spread = {m: row[m]["text_hi"] - row[m]["text_lo"] for m in ("mixed_grpo", "flow_opd")}
+    assert spread["flow_opd"] > 2 * spread["mixed_grpo"]
+    claims = {r["claim"]: r for r in claims_frame(results).iter_rows(named=True)}
+    above = claims["student_above_mixed"]
+    assert (above["n_seeds"], above["n_prompts"], above["pairing"]) == (1, 24, "partial")  # same prompts, not seeds
+
+    out = tmp_path / "reports"
+    build(shards, db, out)
+    main_md = (out / "main_table.md").read_text()
+    assert "Training seeds per row: 3: flow_opd; 1: base, mixed_grpo." in main_md
+    assert "text: `score` (normaliser 1; 24 distinct prompts in 24 prompt rows; 2 evaluation seeds)" in main_md
+    for seed, shard in students.items():  # each model of the row named with its training seed
+        assert f"| flow_opd | {seed} | `{shard_run_id(shard)}` |" in main_md
+    assert pl.read_csv(out / "main_table.csv")["n_seeds"].to_list() == [1, 1, 3]
+    assert (out / "plots/curves_opd.png").is_file() and len(list((out / "grids").glob("flow_opd_*.png"))) == 3
+
+
+def test_an_old_ledger_without_training_seeds_still_reports(spread):
+    from flowopd.results.ledger import connect
+
+    db, shards, out = spread
+    before = tables.main_table(db, shards)
+    with connect(db) as con:  # the ledger as written before `runs.training_seed` existed
+        columns = [c[0] for c in con.execute("SELECT column_name FROM information_schema.columns "
+                                             "WHERE table_name = 'runs'").fetchall()]
+        con.execute(f"CREATE TABLE old_runs AS SELECT {', '.join(c for c in columns if c != 'training_seed')} "
+                    "FROM runs")
+        con.execute("DROP TABLE runs")
+        con.execute("ALTER TABLE old_runs RENAME TO runs")
+    assert "training_seed" not in tables.sql("SELECT * FROM runs LIMIT 0", db).columns
+    frame = build(shards, db, out)
+    assert frame.equals(before) and set(frame["n_seeds"]) == {1}
+    assert "1 training seed (trained model) per row." in (out / "main_table.md").read_text()
+    assert (out / "claims.csv").read_text().startswith("claim,metric,estimate,lo,hi,margin,verdict,n_seeds,n_prompts\n")
