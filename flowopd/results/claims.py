@@ -3,10 +3,10 @@
 Each comparison is a difference of means d = a - b on the normalised scale (headline / normaliser; avg is already
 normalised), with its bootstrap interval [lo, hi] (`flowopd.results.bootstrap`: training seeds, then distinct
 prompts; paired where both rows share prompts and seeds), decided against a margin:
-- `student_matches_teachers`, one row per teacher on its task, d = student - teacher. The paper says the student
-  "matches or exceeds" each teacher, so this is a non-inferiority test, not an equivalence test (which would also
-  need hi < +margin and would count a student far above its teacher against the claim):
-  holds when lo > -margin (no worse than the margin below the teacher); fails when hi < -margin; else unresolved.
+- `student_matches_teachers`, one row per teacher on its task, d = student - teacher: an equivalence test (two
+  one-sided tests at the margin): holds when the whole interval lies inside (-margin, +margin); fails when it lies
+  wholly outside, below -margin or above +margin (a student surely better than its teacher by more than the margin
+  fails "matches": that is the separate claim that it exceeds them); else unresolved.
 - `student_above_mixed` (avg, flow_opd - mixed_grpo), `mar_quality` (quality, flow_opd - flow_opd:no_mar),
   `cold_start_merge_vs_sft` and `cold_start_merge_vs_none` (avg, flow_opd - the ablation): superiority by at least
   the smallest effect worth reporting: holds when lo > margin; fails when hi < margin (the data exclude an effect of
@@ -36,8 +36,8 @@ TEACHER_MARGIN = 0.03  # "matches": this far below its teacher (normalised), the
 EFFECT_MARGIN = 0.01  # smallest effect worth reporting: one point on the 0-1 normalised scale, the paper's 2 decimals
 CLAIMS = {  # claim id -> (what it says, the margin rule)
     "student_matches_teachers": (
-        f"the student (`{STUDENT}`) matches or exceeds every teacher on that teacher's task (non-inferiority)",
-        "lo > −margin"),
+        f"the student (`{STUDENT}`) matches every teacher on that teacher's task (equivalence)",
+        "−margin < lo and hi < margin"),
     "student_above_mixed": (f"the student's avg is above `{MIXED}`'s", "lo > margin"),
     "mar_quality": (f"MAR: `{STUDENT}` is above `{NO_MAR}` on quality", "lo > margin"),
     "cold_start_merge_vs_sft": (f"cold start: merge (`{STUDENT}`) is above SFT (`{SFT_INIT}`) on avg", "lo > margin"),
@@ -60,9 +60,14 @@ def verdict(lo: float, hi: float, threshold: float) -> str:
     return "holds" if lo > threshold else "fails" if hi < threshold else "unresolved"
 
 
-def threshold(claim: str, margin: float) -> float:
-    """Non-inferiority (the teachers) is decided at -margin, superiority at +margin."""
-    return -margin if claim == "student_matches_teachers" else margin
+def equivalence(lo: float, hi: float, margin: float) -> str:
+    """|d| < margin: holds if the whole interval lies inside (-margin, margin), fails if it lies wholly outside."""
+    return "holds" if -margin < lo and hi < margin else "fails" if hi < -margin or lo > margin else "unresolved"
+
+
+def decide(claim: str, lo: float, hi: float, margin: float) -> str:
+    """A comparison's verdict: equivalence for the teachers, superiority by the margin for the rest."""
+    return equivalence(lo, hi, margin) if claim == "student_matches_teachers" else verdict(lo, hi, margin)
 
 
 def _smaller(*counts):
@@ -110,7 +115,7 @@ def claims_frame(results: Results, quality: str = "quality") -> pl.DataFrame:
         if draws is not None:
             lo, hi = interval(draws, level)
             row |= {"lo": lo, "hi": hi, "level": level,
-                    "verdict": verdict(lo, hi, threshold(row["claim"], row["margin"]))}
+                    "verdict": decide(row["claim"], lo, hi, row["margin"])}
         rows.append(row)
     return pl.DataFrame(rows, schema=SCHEMA)
 

@@ -19,22 +19,23 @@ from flowopd.results.claims import (
     claims_frame,
     csv_frame,
     overall,
-    threshold,
-    verdict,
 )
+from flowopd.results.claims import decide as claims_decide
 from flowopd.results.ledger import ingest
 
 
 def decide(claim: str, lo: float, hi: float) -> str:
     margin = TEACHER_MARGIN if claim == "student_matches_teachers" else EFFECT_MARGIN
-    return verdict(lo, hi, threshold(claim, margin))
+    return claims_decide(claim, lo, hi, margin)
 
 
 def test_verdict_rules_on_hand_made_intervals():
-    # non-inferiority: "matches or exceeds" holds when the student is no more than 0.03 below its teacher ...
-    assert decide("student_matches_teachers", -0.02, 0.05) == "holds"  # ... even far above it (not equivalence)
+    # equivalence: "matches" holds when the whole interval lies within 0.03 of the teacher, on either side
+    assert decide("student_matches_teachers", -0.029, 0.029) == "holds"
     assert decide("student_matches_teachers", -0.029, -0.001) == "holds"
+    assert decide("student_matches_teachers", -0.02, 0.05) == "unresolved"  # maybe far above it: not shown to match
     assert decide("student_matches_teachers", -0.05, -0.031) == "fails"
+    assert decide("student_matches_teachers", 0.031, 0.06) == "fails"  # surely better by more than the margin
     assert decide("student_matches_teachers", -0.04, 0.01) == "unresolved"
     # superiority by the smallest effect worth reporting, 0.01
     for claim in ("student_above_mixed", "mar_quality", "cold_start_merge_vs_sft", "cold_start_merge_vs_none"):
@@ -115,7 +116,7 @@ def test_report_claims_command_prints_the_correction_then_one_line_per_claim(led
                                                           "mar_quality", "cold_start_merge_vs_sft",
                                                           "cold_start_merge_vs_none"]
     assert "`teacher:objects` on objects = −0.09 [−0.10, −0.08] (paired; 1 training seed, 48 distinct prompts): " \
-           "fails" in lines[1] and "lo > −margin, margin 0.03: **fails**" in lines[1]
+           "fails" in lines[1] and "−margin < lo and hi < margin, margin 0.03: **fails**" in lines[1]
 
 
 def test_claims_without_rows_or_samples_are_unresolved_never_a_crash(tmp_path):

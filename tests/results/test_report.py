@@ -249,7 +249,7 @@ def test_readme_renders_claims_csv(spread):
     mixed = next(r for r in rows if r["claim"] == "student_above_mixed")
     assert mixed["verdict"] == "holds" and float(mixed["lo"]) > 0.01 and mixed["margin"] == "0.010000"
     assert "lo > margin, margin 0.01: **holds**" in lines["student_above_mixed"]
-    assert "lo > −margin, margin 0.03" in lines["student_matches_teachers"]
+    assert "−margin < lo and hi < margin, margin 0.03" in lines["student_matches_teachers"]
     sft = next(r for r in rows if r["claim"] == "cold_start_merge_vs_sft")
     assert sft["verdict"] == "unresolved" and sft["lo"] == sft["estimate"] == ""
     assert "unresolved (row flow_opd:sft_init missing)" in lines["cold_start_merge_vs_sft"]
