@@ -93,10 +93,12 @@ def note(message: str) -> None:
 
 
 def model_order(label: str) -> tuple:
-    """Report row order: base, teacher:* sorted, mixed_grpo, flow_opd, flow_opd:* sorted, anything else sorted."""
+    """Report row order: base, teacher:* sorted, mixed_grpo and mixed_grpo:* sorted, flow_opd, flow_opd:* sorted,
+    anything else sorted."""
     group = {"base": 0, "mixed_grpo": 2, "flow_opd": 3}.get(label)
     if group is None:
-        group = 1 if label.startswith("teacher:") else 4 if label.startswith("flow_opd:") else 5
+        prefixes = {"teacher:": 1, "mixed_grpo:": 2, "flow_opd:": 4}
+        group = next((g for prefix, g in prefixes.items() if label.startswith(prefix)), 5)
     return (group, label)
 
 

@@ -89,9 +89,10 @@ def read_csv(path):
 
 
 def test_model_order_and_file_names():
-    labels = ["zeta", "flow_opd:no_mar", "teacher:text", "flow_opd", "base", "mixed_grpo", "teacher:objects"]
-    assert sorted(labels, key=model_order) == ["base", "teacher:objects", "teacher:text", "mixed_grpo", "flow_opd",
-                                               "flow_opd:no_mar", "zeta"]
+    labels = ["zeta", "flow_opd:no_mar", "teacher:text", "mixed_grpo:matched", "flow_opd", "base", "mixed_grpo",
+              "teacher:objects"]
+    assert sorted(labels, key=model_order) == ["base", "teacher:objects", "teacher:text", "mixed_grpo",
+                                               "mixed_grpo:matched", "flow_opd", "flow_opd:no_mar", "zeta"]
     assert safe_name("teacher:text") == "teacher-text" and safe_name("flow_opd:no mar/x") == "flow_opd-no-mar-x"
 
 
