@@ -34,7 +34,8 @@ def ablation(tree: Path, file: str, **fields) -> None:
 
 
 def eval_command(stages: dict, spec_file: str) -> str:
-    (cmd,) = [s["cmd"] for n, s in stages.items() if n.startswith("eval-opd-") and spec_file in s["cmd"]]
+    (cmd,) = [s["cmd"] for n, s in stages.items()  # seed 0's: the main spec trains three seeds
+              if n.startswith("eval-opd-") and "-seed" not in n and spec_file in s["cmd"]]
     return cmd
 
 
