@@ -30,9 +30,10 @@ from pathlib import Path
 
 import torch
 
+from flowopd.models.bundle import TORCH_DTYPES
+
 GB = 1e9
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 CLIP_TOKENS = 77  # SD3's prompt embedding: 77 CLIP tokens + max_sequence_length T5 tokens
 VAE_PROBE_PIXELS = 256  # the VAE decode is measured at most this large, then scaled by the pixel count
 PROBE_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}  # resident set = live tensors

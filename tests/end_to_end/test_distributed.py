@@ -164,6 +164,14 @@ def assert_same_curves(one: Path, two: Path, keys):
             assert float(b[key]) == pytest.approx(float(a[key]), rel=1e-4, abs=3e-8), (key, a["step"])
 
 
+BUDGET_COUNTS = ("images", "forwards", "optimizer_steps")
+
+
+def budgets(root, name: str) -> tuple[dict, dict]:
+    """The run records' training budgets of <name>_1 (one process) and <name>_2 (two)."""
+    return tuple(read_run_record(root / f"{name}_{n}")["budget"] for n in (1, 2))
+
+
 @pytest.mark.distributed
 def test_two_processes_train_the_teacher_of_one(inputs):
     root, spec_file, spec = inputs
@@ -172,6 +180,12 @@ def test_two_processes_train_the_teacher_of_one(inputs):
            root / "data", "--out", root / "teacher_2")
     assert_same_weights(root / "teacher_1", root / "teacher_2")
     assert read_run_record(root / "teacher_2")["processes"] == 2  # provenance, not part of the artifact
+    # the budget: each process counts its own work, the phase sums them, so each image and step counts once
+    one, two = budgets(root, "teacher")
+    method = spec.teachers["quality"].method
+    assert one["images"] == method.steps * method.prompts_per_step * method.group_size
+    assert {k: one[k] for k in BUDGET_COUNTS} == {k: two[k] for k in BUDGET_COUNTS}  # the rows split evenly
+    assert two["cpu_s"] > 0 and two["total"] == {k: two[k] for k in (*BUDGET_COUNTS, "cpu_s")}
     one, two = ({k: v for k, v in json.loads((root / f"teacher_{n}" / "meta.json").read_text()).items()
                  if k not in ("weights_sha256", "files")} for n in (1, 2))
     assert one == two  # the process count is not in the artifact; the weights (hence file hashes) differ in float
@@ -247,6 +261,10 @@ def test_two_processes_fit_the_sft_cold_start_of_one(inputs):
     assert read_run_record(root / "sft_2")["processes"] == 2
     one, two = (json.loads((root / f"sft_{n}" / "meta.json").read_text()) for n in (1, 2))
     assert one["samples"] == two["samples"] == 8 + 7 + 8 and one["routing"] == two["routing"]
+    one, two = budgets(root, "sft")  # each image once; the odd text chunk's forwards ran in both processes
+    assert one["images"] == two["images"] == (7 + 8 + 8) * 3 and one["optimizer_steps"] == two["optimizer_steps"] == 3
+    assert two["forwards"] == one["forwards"] + 7 * 3 * spec.evaluation.sampler.steps
+    assert one["lineage"] == {} and one["total"]["images"] == one["images"]  # the teachers here are the base
 
 
 @pytest.mark.distributed
