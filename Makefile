@@ -1,5 +1,5 @@
 # Two commands do everything on a fresh machine:
-#   make repro   set up, then run the pipeline (dvc repro) on the tiny default spec
+#   make repro   set up, then run the pipeline on the tiny default spec (dvc repro, one stage per core at once)
 #   make test    set up, then run the default test suite
 # Set-up is idempotent: the venv is rebuilt only when pyproject.toml changes.
 
@@ -29,10 +29,12 @@ git-ready:
 	@git config user.email >/dev/null || git config user.email flowopd@localhost
 	@git config user.name >/dev/null || git config user.name flowopd
 
-# Stage commands call `python`: the venv's, whatever the caller's PATH says.
+# `pipeline run` is `dvc repro` with independent stages side by side (JOBS, default one per core); its stage
+# commands call `python`: the venv's, whatever the caller's PATH says. Plain `dvc repro` gives the same artifacts.
+JOBS ?=
 repro: setup
 	$(BIN)/flowopd pipeline write
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	$(BIN)/flowopd pipeline run $(if $(JOBS),-j $(JOBS))
 
 test: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest

@@ -15,6 +15,14 @@ from pathlib import Path
 from flowopd.phases.keys import check_stage_key
 from flowopd.spec.validation import load_spec_or_exit
 
+# torch's CPU threads in every stage after the base. A weight gradient summed over 16 rows or more comes out in the
+# last bits differently on 1 and on 2 threads (forwards agree), so a fixed count keeps a stage's artifact the same
+# whether it runs alone or beside others (`flowopd pipeline run -j N`). One thread each, two stages side by side
+# do 1.1-1.3x the training work of one stage on two threads (docs/pipeline.md). The base keeps every core: all
+# other stages wait for it.
+STAGE_THREADS = 1
+UNPINNED_PHASES = ("data", "base")
+
 
 def stage_parser(phase: str) -> argparse.ArgumentParser:
     """--spec, --out, --no-progress."""
@@ -51,7 +59,18 @@ def load_checked_spec(args: argparse.Namespace, phase: str, teacher: str | None 
         raise SystemExit(f"--training-seed {training_seed}: {args.spec} has training_seeds {spec.training_seeds} "
                          f"(seeds 0 to {spec.training_seeds - 1})")
     check_stage_key(spec, args.spec, phase, args.out, teacher, training_seed)
+    pin_threads(phase)
     return spec
+
+
+def pin_threads(phase: str) -> None:
+    """STAGE_THREADS torch threads for a CPU stage of `phase` (not the data and base phases, nor on a GPU)."""
+    if phase in UNPINNED_PHASES:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        torch.set_num_threads(STAGE_THREADS)
 
 
 def parse_teacher_dirs(values: list[str] | None, spec) -> dict[str, Path]:
