@@ -113,7 +113,8 @@ def run(project: Path = Path("."), jobs: int = 1, progress: bool = True) -> int:
     project = Path(project)
     graph = stage_graph(project / "dvc.yaml")
     dvc = dvc_executable()
-    todo = [name for name in graph if name in downstream(graph, changed_stages(project, dvc) & graph.keys())]
+    stale = downstream(graph, changed_stages(project, dvc) & graph.keys())
+    todo = [name for name in graph if name in stale]
     if not todo:
         print("Data and pipelines are up to date.")
         return 0
