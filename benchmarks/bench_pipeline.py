@@ -97,6 +97,26 @@ def report_records(dvc_yaml: Path, wall: float | None) -> None:
     print(f"span, first start to last finish:      {span:8.1f} s; fixed cost span - seconds: {span - sum(seconds):.1f} s")
     if wall is not None:
         print(f"wall {wall:.1f} s; fixed cost wall - seconds: {wall - sum(seconds):.1f} s")
+    report_timeline(dvc_yaml.parent / "logs" / "run.json", dict(records))
+
+
+def report_timeline(path: Path, records: dict[str, dict]) -> None:
+    """With stages side by side (`flowopd pipeline run`, whose logs/run.json times each `dvc repro --single-item`),
+    gaps and spans overlap: what a stage costs outside its clock is then its dvc process's wall minus its seconds."""
+    if not path.exists():
+        return
+    timeline = json.loads(path.read_text())
+    outside = {name: (t["ended"] - t["started"]) - records[name]["seconds"] for name, t in timeline["stages"].items()
+               if name in records and "ended" in t and records[name].get("seconds") is not None}
+    if not outside:
+        return
+    starts = [t["started"] for t in timeline["stages"].values()]
+    ends = [t["ended"] for t in timeline["stages"].values() if "ended" in t]
+    busy = sum(records[name]["seconds"] for name in outside)
+    print(f"\n{path}: {len(timeline['stages'])} stages, -j {timeline['jobs']}, {max(ends) - min(starts):.1f} s from the "
+          f"first start to the last end; stage seconds {busy:.1f}")
+    print(f"outside each stage's clock (its dvc process's wall - seconds): mean {mean(list(outside.values())):.2f} s, "
+          f"max {max(outside.values()):.2f} s over {len(outside)} stages with run records")
 
 
 def mean(values: list[float]) -> float:

@@ -9,7 +9,8 @@ This runner does that in dependency order:
 - order: a stage starts once every stage it depends on (a dependency that is, or lies under, another stage's output)
   has finished; at most N at once, otherwise in dvc.yaml's order.
 - output: each stage's output goes to `logs/<stage>.log` in the project folder (`tail -f` shows its progress bar);
-  the terminal shows one bar over the stages and a line per finished stage with its seconds.
+  the terminal shows one bar over the stages and a line per finished stage with its seconds; `logs/run.json` holds
+  each stage's start, end (epoch seconds) and exit status (`benchmarks/bench_pipeline.py records` reads it).
 - a failure: no further stage starts, the running ones finish and are recorded, the failed stage's log tail is
   printed and the exit status is 1. Running again resumes: finished stages are up to date.
 Results do not depend on N: every CPU stage after the base computes on one thread whatever runs beside it
@@ -31,6 +32,7 @@ from pathlib import Path
 import yaml
 
 LOG_FOLDER = "logs"
+TIMELINE = "run.json"
 POLL_SECONDS = 0.2
 LOG_TAIL_LINES = 20
 
@@ -123,6 +125,7 @@ def run(project: Path = Path("."), jobs: int = 1, progress: bool = True) -> int:
     logs = project / LOG_FOLDER
     logs.mkdir(exist_ok=True)
     pending, running, finished, failed = list(todo), {}, set(), []
+    timeline: dict[str, dict] = {}
     bar = tqdm(total=len(todo), desc=f"stages (-j {jobs})", unit="stage", disable=not progress, dynamic_ncols=True)
     try:
         while pending or running:
@@ -132,6 +135,7 @@ def run(project: Path = Path("."), jobs: int = 1, progress: bool = True) -> int:
                 log.close()
                 del running[name]
                 seconds = time.monotonic() - started
+                timeline[name] |= {"ended": time.time(), "exit": process.returncode}
                 if process.returncode == 0:
                     finished.add(name)
                     tqdm.write(f"done    {name}  {seconds:.1f} s")
@@ -148,6 +152,7 @@ def run(project: Path = Path("."), jobs: int = 1, progress: bool = True) -> int:
                 process = subprocess.Popen([dvc, "--wait-for-lock", "repro", "--single-item", name], cwd=project,
                                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
                 running[name] = (process, time.monotonic(), log)
+                timeline[name] = {"started": time.time()}
                 tqdm.write(f"start   {name}")
             if failed and not running:
                 break
@@ -161,6 +166,7 @@ def run(project: Path = Path("."), jobs: int = 1, progress: bool = True) -> int:
         raise
     finally:
         bar.close()
+        (logs / TIMELINE).write_text(json.dumps({"jobs": jobs, "stages": timeline}, indent=1) + "\n")
     for name in failed:
         print(f"\n--- {name}: last lines of {logs / (name + '.log')}\n{_tail(logs / (name + '.log'))}",
               file=sys.stderr)

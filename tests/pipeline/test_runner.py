@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -55,6 +56,9 @@ def test_runs_independent_stages_side_by_side_then_dependents(tmp_path):
     status = subprocess.run([str(DVC), "status"], cwd=root, capture_output=True, text=True, check=True)
     assert "up to date" in status.stdout  # dvc.lock records every stage, as dvc repro would
     assert (root / "logs" / "a.log").exists()
+    timeline = json.loads((root / "logs" / "run.json").read_text())
+    assert timeline["jobs"] == 2 and set(timeline["stages"]) == {"a", "b", "c"}
+    assert all(t["exit"] == 0 and t["ended"] >= t["started"] for t in timeline["stages"].values())
 
 
 def test_up_to_date_stages_do_not_run_again_and_a_change_reruns_downstream(tmp_path, capsys):
