@@ -95,11 +95,12 @@ def reduce_elements(elementwise: Tensor, reduction: str) -> Tensor:
 
 def gaussian_log_prob(sample: Tensor, mean: Tensor, std, reduction: str = "mean") -> Tensor:
     """log N(sample; mean, std^2 I) per sample, averaged ("mean", Flow-GRPO) or summed over elements: (B,); "none":
-    per element (B, ...)."""
-    sample, mean = sample.float(), mean.float()
-    std = torch.as_tensor(std, dtype=torch.float32, device=sample.device)
+    per element (B, ...). In fp32, or fp64 when the mean is (checks against transcribed reference code)."""
+    dtype = torch.promote_types(mean.dtype, torch.float32)
+    sample, mean = sample.to(dtype), mean.to(dtype)
+    std = torch.as_tensor(std, device=sample.device).to(dtype)
     if std.ndim == 1:
-        std = _per_sample(std, sample)
+        std = _per_sample(std, sample).to(dtype)
     if bool((std <= 0).any()):
         raise ValueError(
             "gaussian_log_prob needs std > 0 (noise_level 0 and the ODE sampler have no density)"

@@ -9,6 +9,9 @@ sd = 0 and mu = x + d v. Per trained step t, reduced over elements by the sample
   diffusion_opd  L_t = ||mu_S - mu_T||^2 / (2 w_t), w_t = 1 on the ODE, sd(s)^2 on the SDE
                  (DiffusionOPD, arXiv 2605.15055: its training script's per-step KL)
   velocity_mse   L = ||v_S(x_q) - v_T(x_q)||^2 at ONE state x_q per rollout (DanceOPD, arXiv 2606.27377)
+  reference_kl   A_t = clamp(kl_scale D_t, +-adv_clip), D_t = mean_d (mu_S - mu_T)^2 / (2 sd(s)^2) WITH the student's
+                 gradient, L_t = mean_{i,j} max(-A_i r_j, -A_i clip(r_j)) over the batch's pairs (Flow-OPD's code)
+  gkd            L_t = D_t, differentiated (Flow-OPD's code, reward_mode gkd)
 A_t = r_t, or the reward-to-go sum_{t' >= t} r_t', optionally standardised per step; credit "element" keeps each
 latent element's own log-ratio as the advantage of that element's log-prob. MAR adds lambda times the estimator's own
 divergence to the anchor's step.
@@ -23,7 +26,7 @@ import torch
 from torch import Tensor
 
 from flowopd.flow.sde import gaussian_log_prob, noise_scale, reduce_elements, step_kl
-from flowopd.spec.choices import CREDITS, ESTIMATORS, PPO_ESTIMATORS
+from flowopd.spec.choices import CREDITS, ESTIMATORS, PPO_ESTIMATORS, REFERENCE_ESTIMATORS
 from flowopd.train.losses import ppo_clip_loss
 from flowopd.train.rollouts import ADV_EPS
 
@@ -94,6 +97,41 @@ def diffusion_opd_variance(sigma, sigma_next, noise_level: float):
     return noise_scale(s, s_next, noise_level) ** 2
 
 
+# ---------------------------------------------------------------- the Flow-OPD reference code's update
+# CostaliyA/Flow-OPD, scripts/train_sd3_opd_mix.py (training loop, `reward_mode`); Flow-GRPO's step
+# (flow_grpo/diffusers_patch/sd3_sde_with_logprob.py) returns prev_sample_mean = our step mean mu and
+# std_dev_t = sd(s) = a sqrt(s / (1 - s)), the std BEFORE its sqrt(-dt) factor: our step std is sd(s) sqrt(s - s'),
+# and sd(s)^2 is `diffusion_opd_variance`. Its log_prob is our "mean"-reduced gaussian_log_prob.
+def reference_divergence(mean: Tensor, target: Tensor, variance) -> Tensor:
+    """D = mean_d (mu - mu_target)^2 / (2 std_dev_t^2) per sample (B,), variance = std_dev_t^2 = sd(s)^2: the
+    reference code's `kl_reward` (and its MAR `kl_loss` with the anchor as target), the step KL (summed over the n
+    elements) times (s - s') / n. In the mean's dtype (fp64 in the checks against the transcribed code)."""
+    variance = torch.as_tensor(variance, device=mean.device).to(mean.dtype)
+    if variance.ndim == 1:  # one per sample
+        variance = variance.reshape(-1, *[1] * (mean.ndim - 1))
+    dims = tuple(range(1, mean.ndim))
+    # ((prev_sample_mean - prev_sample_mean_ref_lora) ** 2).mean(dim=(1, 2, 3), keepdim=True) / (2 * std_dev_t ** 2)
+    return (((mean - target) ** 2).mean(dim=dims, keepdim=True) / (2 * variance)).reshape(len(mean))
+
+
+def reference_kl_loss(log_prob: Tensor, old_log_prob: Tensor, mean: Tensor, mean_teacher: Tensor, variance,
+                      kl_scale: float, adv_clip: float, clip_eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The reference code's `reward_mode: kl_only`, `kl_reward_level: step_wise` update of one step -> (per-sample
+    loss (B,), ratio (B,), advantages (B,)).
+
+    A_i = clamp(kl_scale D_i, -adv_clip, adv_clip), D from the student's mean WITH its gradient (not detached there),
+    so the loss is differentiated through A as well as through the ratio r_j = exp(log p_j - log p_old_j). Its
+    advantages have shape (B, 1) (`kl_reward.squeeze(-1).squeeze(-1)` of a (B, 1, 1, 1)) against a (B,) ratio: the
+    PPO-clip terms broadcast to (B, B), every sample's advantage against every sample's ratio, and `torch.mean`
+    averages all B^2 pairs. Row i here is sample i's advantage against all ratios, so the mean of the returned loss
+    is that mean. Its expected gradient over x' is the per-sample PPO-clip's (A_i does not depend on x'); sample
+    for sample the score-function part differs.
+    """
+    advantages = torch.clamp(kl_scale * reference_divergence(mean, mean_teacher, variance), -adv_clip, adv_clip)
+    pairs, ratio = ppo_clip_loss(log_prob, old_log_prob, advantages[:, None], clip_eps)  # (B, B): A_i against r_j
+    return pairs.mean(dim=1), ratio, advantages
+
+
 def mean_gap(mean_a: Tensor, mean_b: Tensor, variance, reduction: str = "mean") -> Tensor:
     """||mu_a - mu_b||^2 / (2 variance), reduced over elements: the step KL when variance = std^2."""
     variance = torch.as_tensor(variance, dtype=torch.float32, device=mean_a.device)
@@ -123,54 +161,65 @@ def velocity_weight(estimator: str, sigma: float, sigma_next: float, noise_level
     c = 1 + sd^2 (1 - s) / (2 s), mu_S - mu_T = d c (v_S - v_T), so
         KL (analytic_grad, sampled, analytic)   (-d / 2) (c / sd)^2
         diffusion_opd                           d^2 / 2 on the ODE, d^2 c^2 / (2 sd^2) = (-d) KL's on the SDE
+        gkd, reference_kl                       d^2 c^2 / (2 sd^2), D's (reference_kl: unclamped, at r = 1)
         velocity_mse                            1 at its queried step (0 at the others)
     """
     if estimator == "velocity_mse":
         return 1.0
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}")
+    if noise_level <= 0 and estimator != "diffusion_opd":
+        raise ValueError(f"{estimator}'s divergence needs noise_level > 0")
     d = sigma_next - sigma
     sd = noise_level * math.sqrt(sigma / (1 - (sigma_next if sigma == 1 else sigma)))
     c = 1 + (sd**2 * (1 - sigma) / (2 * sigma) if noise_level > 0 else 0.0)
-    if estimator == "diffusion_opd":
+    if estimator in ("diffusion_opd", *REFERENCE_ESTIMATORS):
         return d**2 / 2 if noise_level == 0 else d**2 * c**2 / (2 * sd**2)
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"estimator must be one of {', '.join(ESTIMATORS)}, got {estimator!r}")
-    if noise_level <= 0:
-        raise ValueError(f"{estimator}'s KL needs noise_level > 0")
     return -d / 2 * (c / sd) ** 2
 
 
 def step_loss(estimator: str, log_prob: Tensor | None, old_log_prob: Tensor | None, mean: Tensor,
               mean_teacher: Tensor, std, advantages: Tensor | None, clip_eps: float, reduction: str = "mean",
-              mean_anchor: Tensor | None = None, mar_weight: float = 0.0, variance=None) -> tuple[Tensor, dict]:
-    """Per-sample loss (B,) of one trained step and its terms {"policy", "ratio", "mar_kl"} (None when absent).
+              mean_anchor: Tensor | None = None, mar_weight: float = 0.0, variance=None, kl_scale: float = -1.0,
+              adv_clip: float = 5.0) -> tuple[Tensor, dict]:
+    """Per-sample loss (B,) of one trained step and its terms {"policy", "ratio", "mar_kl", "advantages"} (None
+    when absent).
 
     sampled / analytic: PPO-clip with the advantages; analytic_grad: KL(N(mean, std^2) || N(mu_T, std^2));
-    diffusion_opd: ||mean - mu_T||^2 / (2 variance) (`diffusion_opd_variance`); plus mar_weight times the same
-    divergence to the anchor's mean when one is given and the weight > 0. Per-element advantages (credit
-    "element") take per-element log-probs (B, ...): each element's PPO-clip term, reduced by `reduction`.
+    diffusion_opd: ||mean - mu_T||^2 / (2 variance) (`diffusion_opd_variance`); reference_kl: `reference_kl_loss`
+    (its advantages come from the mean, `advantages` is not used); gkd: `reference_divergence`; plus mar_weight
+    times the same divergence to the anchor's mean when one is given and the weight > 0. Per-element advantages
+    (credit "element") take per-element log-probs (B, ...): each element's PPO-clip term, reduced by `reduction`.
     """
-    if estimator == "diffusion_opd":
+    if estimator in ("diffusion_opd", *REFERENCE_ESTIMATORS):
         if variance is None:
-            raise ValueError("diffusion_opd's loss needs the variance w_t (diffusion_opd_variance)")
+            raise ValueError(f"{estimator}'s loss needs the variance (diffusion_opd_variance)")
 
         def divergence(target):
-            return mean_gap(mean, target, variance, reduction)
+            if estimator == "diffusion_opd":
+                return mean_gap(mean, target, variance, reduction)
+            return reference_divergence(mean, target, variance)
     else:
         def divergence(target):
             return step_kl(mean, target, std, reduction)
     ratio = None
-    if estimator in ("analytic_grad", "diffusion_opd"):
+    if estimator in ("analytic_grad", "diffusion_opd", "gkd"):
         policy = divergence(mean_teacher)
+    elif estimator == "reference_kl":
+        policy, ratio, advantages = reference_kl_loss(log_prob, old_log_prob, mean, mean_teacher, variance, kl_scale,
+                                                      adv_clip, clip_eps)
     elif estimator in PPO_ESTIMATORS:
         policy, ratio = ppo_clip_loss(log_prob, old_log_prob, advantages, clip_eps)
         policy = reduce_elements(policy, reduction) if policy.ndim > 1 else policy
     else:
-        raise ValueError(f"estimator {estimator!r} has no per-step loss (one of {', '.join(ESTIMATORS[:4])})")
+        dense = [e for e in ESTIMATORS if e != "velocity_mse"]
+        raise ValueError(f"estimator {estimator!r} has no per-step loss (one of {', '.join(dense)})")
     loss, mar_kl = policy, None
     if mean_anchor is not None and mar_weight > 0:
         mar_kl = divergence(mean_anchor)
         loss = loss + mar_weight * mar_kl
-    return loss, {"policy": policy, "ratio": ratio, "mar_kl": mar_kl}
+    return loss, {"policy": policy, "ratio": ratio, "mar_kl": mar_kl,
+                  "advantages": advantages if estimator == "reference_kl" else None}
 
 
 def query_steps(rng: np.random.Generator, n: int, sampler_steps: int, query=None) -> np.ndarray:

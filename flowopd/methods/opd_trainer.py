@@ -18,6 +18,9 @@ One OPD step k:
                     (DiffusionOPD, arXiv 2605.15055: its training script's per-step KL; docs/estimators.md)
      velocity_mse   L = ||v_S(x_q) - v_T(x_q)||^2 at ONE state x_q per rollout, q drawn from `opd.query`'s range
                     of low-noise steps (DanceOPD, arXiv 2606.27377)
+     reference_kl   A_t = clamp(kl_scale D_t, +-adv_clip), D_t = mean_d (mu_S - mu_T)^2 / (2 sd(s)^2) with the
+                    student's gradient, PPO-clip over all pairs (A_i, r_j) of the batch (Flow-OPD's released code)
+     gkd            L_t = D_t, differentiated (Flow-OPD's released code, `reward_mode: gkd`)
    (reduced over elements by the sampler's log-prob reduction). A_t = r_t, or the reward-to-go sum_{t' >= t} r_t',
    optionally standardised per step; credit "element" keeps each latent element's own log-ratio r_{t,d} as the
    advantage of that element's log-prob (per-token OPD with the elements as tokens);
@@ -49,7 +52,8 @@ from flowopd.methods.opd_objectives import (
 )
 from flowopd.models.bundle import Condition, micro_batches
 from flowopd.runtime.processes import Processes
-from flowopd.spec.choices import PPO_ESTIMATORS
+from flowopd.spec import ReferenceKLSettings
+from flowopd.spec.choices import PPO_ESTIMATORS, REFERENCE_ESTIMATORS
 from flowopd.train.policy import step_log_prob
 from flowopd.train.rollouts import draw_rollout, trained_steps
 from flowopd.train.streams import TIMESTEP_STREAM, step_rng
@@ -199,13 +203,15 @@ class OPDTrainer(Trainer):
         if s.credit == "element" and s.estimator in PPO_ESTIMATORS:  # each element's own ratio, against the
             policy_log_prob = gaussian_log_prob(x_next, mean, std, "none")  # rollout's step mean
             old_log_prob = gaussian_log_prob(x_next, traj.means[t][rows], std, "none")
+        # diffusion_opd's w_t; the reference estimators' std_dev_t^2 = sd(s)^2 (our step std is sd(s) sqrt(s - s'))
         variance = diffusion_opd_variance(sigma, sigma_next, common["noise_level"]) \
-            if s.estimator == "diffusion_opd" else None
+            if s.estimator in ("diffusion_opd", *REFERENCE_ESTIMATORS) else None
+        reference = s.reference_kl or ReferenceKLSettings()
         per_sample, terms = step_loss(
             s.estimator, policy_log_prob, old_log_prob, mean, mean_teacher[rows], std,
             None if advantages is None else advantages[rows], s.clip_eps, common["reduction"],
             None if mean_anchor is None else mean_anchor[rows], self.mar_weight * self.mar_scale(sigma, sigma_next),
-            variance)
+            variance, reference.kl_scale, reference.adv_clip)
         return per_sample, terms | {"log_prob": log_prob, "mean": mean, "std": std}
 
     # -- 4. update --------------------------------------------------------------------------------------------
@@ -255,6 +261,8 @@ class OPDTrainer(Trainer):
                     stats["clip_frac"].append(((whole["ratio"] - 1).abs() > s.clip_eps).float().mean().item())
                 if "mar_kl" in whole:
                     stats["mar_kl"].append(whole["mar_kl"].mean().item())
+                if epoch == 0 and "advantages" in whole:  # reference_kl's, under the rollout policy
+                    stats["advantage"].append(whole["advantages"].mean().item())
                 if epoch == 0:  # the distance to the routed teacher under the rollout policy
                     mean, mean_teacher = whole["mean"], targets[t][0]
                     gap = velocity_gap(mean, mean_teacher, sigma, sigma_next, noise_level)
@@ -266,6 +274,8 @@ class OPDTrainer(Trainer):
         if advantages is not None:
             per_reward = traj.latents[0][0].numel() if element else 1  # elements per reward
             row["reward"] = rewards.mean().item() * per_reward / nats_per_unit(traj.latents[0], reduction)  # = -kl
+        elif s.estimator == "reference_kl":  # its advantage kl_scale D (clamped) is its per-step reward
+            row["reward"] = row["advantage"]
         else:  # minus the divergence the loss differentiates: the KL under the rollout policy, or the mean gap
             row["reward"] = -row["kl"] if s.estimator == "analytic_grad" else -row["policy_loss"]
         row["teacher_s"] = t1 - t0

@@ -15,13 +15,15 @@ from pathlib import Path
 from flowopd.phases.keys import check_stage_key
 from flowopd.spec.validation import load_spec_or_exit
 
-# torch's CPU threads in every stage after the base. A weight gradient summed over 16 rows or more comes out in the
-# last bits differently on 1 and on 2 threads (forwards agree), so a fixed count keeps a stage's artifact the same
-# whether it runs alone or beside others (`flowopd pipeline run -j N`). One thread each, two stages side by side
-# do 1.1-1.3x the training work of one stage on two threads (docs/pipeline.md). The base keeps every core: all
-# other stages wait for it.
+# torch's CPU threads in a training stage after the base (teacher, baseline, cold start, OPD). A weight gradient
+# summed over 16 rows or more comes out in the last bits differently on 1 and on 2 threads (forwards agree), so a
+# fixed count keeps a stage's artifact the same whether it runs alone or beside others (`flowopd pipeline run -j N`).
+# One thread each, two training stages side by side do 1.1-1.3x the work of one on two threads (docs/pipeline.md).
+# The base and the evaluation keep every core and the runner gives them the machine alone: everything waits for the
+# base, and the evaluation's bf16 sampling (no gradient) runs 2.2x faster on two threads than on one.
 STAGE_THREADS = 1
-UNPINNED_PHASES = ("data", "base")
+ALL_CORES_PHASES = ("base", "eval")
+UNPINNED_PHASES = ("data", *ALL_CORES_PHASES)  # data imports no torch
 
 
 def stage_parser(phase: str) -> argparse.ArgumentParser:
@@ -64,7 +66,7 @@ def load_checked_spec(args: argparse.Namespace, phase: str, teacher: str | None 
 
 
 def pin_threads(phase: str) -> None:
-    """STAGE_THREADS torch threads for a CPU stage of `phase` (not the data and base phases, nor on a GPU)."""
+    """STAGE_THREADS torch threads for a CPU stage of `phase` (not for UNPINNED_PHASES, nor on a GPU)."""
     if phase in UNPINNED_PHASES:
         return
     import torch

@@ -90,8 +90,8 @@ PIPELINES = (
     Layout("sd3", ("specs/sd3/*.yaml",), "sd3/artifacts", "sd3/reports"),
 )
 TINY = PIPELINES[0]
-REPORT_OUTS = ["main_table.csv", "main_table.md", "main_table.tex", "claims.csv", "mar_table.md", "exploit_table.md", "README.md",
-               "plots", "grids"]  # in the reports folder
+REPORT_OUTS = ["main_table.csv", "main_table.md", "main_table.tex", "claims.csv", "rescue.csv", "mar_table.md",
+               "exploit_table.md", "README.md", "plots", "grids"]  # in the reports folder
 # The sections each phase lists as DVC params; an sd3 base stage only names the pretrained model (its training stages
 # read it themselves, not through the base artifact), so they list `model` too.
 # `sampler` is the training phases' shared rollout sampler, which each inherits (so each lists it).

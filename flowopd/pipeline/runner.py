@@ -7,20 +7,24 @@ This runner does that in dependency order:
   are about to change. Each still goes through `dvc repro --single-item`, which skips it when its inputs came out
   the same. A pipeline that is up to date costs one `dvc status`.
 - order: a stage starts once every stage it depends on (a dependency that is, or lies under, another stage's output)
-  has finished; at most N at once, otherwise in dvc.yaml's order.
+  has finished, in dvc.yaml's order among those ready, while it fits in the N slots: a training stage takes one (it
+  computes on one thread), the base and an evaluation take all N (they compute on every core), so they run alone.
 - output: each stage's output goes to `logs/<stage>.log` in the project folder (`tail -f` shows its progress bar);
   the terminal shows one bar over the stages and a line per finished stage with its seconds; `logs/run.json` holds
   each stage's start, end (epoch seconds) and exit status (`benchmarks/bench_pipeline.py records` reads it).
 - a failure: no further stage starts, the running ones finish and are recorded, the failed stage's log tail is
-  printed and the exit status is 1. Running again resumes: finished stages are up to date.
-Results do not depend on N: every CPU stage after the base computes on one thread whatever runs beside it
-(flowopd.phases.stage_cli.STAGE_THREADS); the base, on which everything else waits, runs alone on every core.
+  printed and the exit status is 1. Running again resumes: finished stages are up to date. Ctrl-C or `kill`
+  stops the running stages (SIGINT, then SIGTERM and SIGKILL to what outlives it) before the runner exits.
+Results do not depend on N: a training stage computes on one thread whatever runs beside it
+(flowopd.phases.stage_cli.STAGE_THREADS), the base and the evaluations on every core.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -31,9 +35,13 @@ from pathlib import Path
 
 import yaml
 
+from flowopd.phases.stage_cli import ALL_CORES_PHASES
+
 LOG_FOLDER = "logs"
+STAGE_SCRIPT = re.compile(r"\bstages/(\w+)\.py\b")
 TIMELINE = "run.json"
 POLL_SECONDS = 0.2
+STOP_GRACE = 10.0  # seconds a stage gets to exit after each signal of an interrupted run
 LOG_TAIL_LINES = 20
 
 
@@ -64,6 +72,17 @@ def stage_graph(dvc_yaml: Path) -> dict[str, set[str]]:
         graph[name] = {producer for path, producer in producers.items() if producer != name
                        and any(_inside(dep, path) or _inside(path, dep) for dep in deps)}
     return graph
+
+
+def stage_slots(dvc_yaml: Path, jobs: int) -> dict[str, int]:
+    """Stage -> slots it takes: all `jobs` for a phase that computes on every core (its command runs
+    `stages/<phase>.py`, phase in ALL_CORES_PHASES), else one."""
+    stages = (yaml.safe_load(Path(dvc_yaml).read_text()) or {}).get("stages") or {}
+    slots = {}
+    for name, stage in stages.items():
+        found = STAGE_SCRIPT.search(str(stage.get("cmd", "")))
+        slots[name] = jobs if found and found.group(1) in ALL_CORES_PHASES else 1
+    return slots
 
 
 def downstream(graph: dict[str, set[str]], roots: set[str]) -> set[str]:
@@ -106,6 +125,26 @@ def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join([line for line in text.splitlines() if line.strip()][-lines:])
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def stop(processes: list[subprocess.Popen]) -> None:
+    """Stop running stages (each its own process group): SIGINT, which lets dvc and the stage clean up, then SIGTERM
+    and SIGKILL for what is still alive after STOP_GRACE seconds each (a process started with SIGINT ignored)."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+        alive = [process for process in processes if process.poll() is None]
+        if alive and sig != signal.SIGINT:
+            print(f"{len(alive)} stage(s) outlived SIGINT; sending {sig.name}. If dvc then reports an output busy by a "
+                  f"PID that no longer exists, remove .dvc/tmp/rwlock (dvc's own advice).", file=sys.stderr)
+        for process in alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, sig)
+        deadline = time.monotonic() + STOP_GRACE
+        while any(process.poll() is None for process in alive) and time.monotonic() < deadline:
+            time.sleep(POLL_SECONDS)
+
+
 def run(project: Path = Path("."), jobs: int = 1, progress: bool = True) -> int:
     """Reproduce the project's pipeline with up to `jobs` stages at once; 0 when every stage succeeded, else 1."""
     from tqdm import tqdm
@@ -114,6 +153,7 @@ def run(project: Path = Path("."), jobs: int = 1, progress: bool = True) -> int:
         raise RunnerError(f"jobs must be at least 1, got {jobs}")
     project = Path(project)
     graph = stage_graph(project / "dvc.yaml")
+    slots = stage_slots(project / "dvc.yaml", jobs)
     dvc = dvc_executable()
     stale = downstream(graph, changed_stages(project, dvc) & graph.keys())
     todo = [name for name in graph if name in stale]
@@ -127,6 +167,7 @@ def run(project: Path = Path("."), jobs: int = 1, progress: bool = True) -> int:
     pending, running, finished, failed = list(todo), {}, set(), []
     timeline: dict[str, dict] = {}
     bar = tqdm(total=len(todo), desc=f"stages (-j {jobs})", unit="stage", disable=not progress, dynamic_ncols=True)
+    previous_handler = signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the stages as Ctrl-C does
     try:
         while pending or running:
             for name, (process, started, log) in list(running.items()):
@@ -144,10 +185,13 @@ def run(project: Path = Path("."), jobs: int = 1, progress: bool = True) -> int:
                     tqdm.write(f"FAILED  {name}  (exit {process.returncode}, {seconds:.1f} s): "
                                f"{logs / (name + '.log')}")
                 bar.update()
-            ready = [name for name in pending if graph[name] & set(todo) <= finished]
-            while ready and len(running) < jobs and not failed:
+            free = jobs - sum(slots[name] for name in running)
+            ready = [name for name in pending if graph[name] & set(todo) <= finished and slots[name] <= free]
+            while ready and not failed:
                 name = ready.pop(0)
                 pending.remove(name)
+                free -= slots[name]
+                ready = [other for other in ready if slots[other] <= free]
                 log = open(logs / f"{name}.log", "w")  # noqa: SIM115 (closed when the stage ends)
                 process = subprocess.Popen([dvc, "--wait-for-lock", "repro", "--single-item", name], cwd=project,
                                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -159,12 +203,10 @@ def run(project: Path = Path("."), jobs: int = 1, progress: bool = True) -> int:
             bar.set_postfix_str(", ".join(running), refresh=False)
             time.sleep(POLL_SECONDS)
     except KeyboardInterrupt:
-        for process, _, _ in running.values():  # dvc cleans up (unlocks, keeps finished stages) on SIGINT
-            os.killpg(process.pid, signal.SIGINT)
-        for process, _, _ in running.values():
-            process.wait()
+        stop([process for process, _, _ in running.values()])
         raise
     finally:
+        signal.signal(signal.SIGTERM, previous_handler)
         bar.close()
         (logs / TIMELINE).write_text(json.dumps({"jobs": jobs, "stages": timeline}, indent=1) + "\n")
     for name in failed:

@@ -23,6 +23,10 @@ is evaluated on every task), each through the fixed seed. Rows sharing both shar
 their difference are the paired bootstrap; rows sharing only the prompts (or only the training seeds) are paired on
 that level alone ('partial'); rows sharing neither get independent draws ('unpaired'). The interval is the
 percentile interval of the draws, at 95% or at the level a caller asks for (a Bonferroni correction).
+
+A share of a subset of samples (`share_draws`: the rescue rate on the samples every teacher fails, where each
+training seed has its own subset) is a ratio of sums, resampled the same way: training seeds, then the subset's
+distinct prompts, each with all its samples; a resample that draws no sample of the subset is left out.
 """
 
 from __future__ import annotations
@@ -33,9 +37,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# 10,000 resamples: a Bonferroni-corrected bound sits far out in a tail (m = 7 comparisons: 0.36% per tail), and
-# 10,000 leave 36 draws beyond it where 4,000 left 14; at 95% the Monte Carlo error is ~0.6% of the interval's width.
-RESAMPLES = 10_000
+# 40,000 resamples: a Bonferroni-corrected bound sits far out in a tail (the 22 comparisons of flowopd.results.claims:
+# 0.11% per tail), and 40,000 leave 45 draws beyond it where 10,000 left 11; at 95% the Monte Carlo error is ~0.3% of
+# the interval's width. A draw is a (B, P) count matrix and a tensordot, milliseconds per cell.
+RESAMPLES = 40_000
 SEED = 20260513  # fixed: the same ledger gives the same intervals, bit for bit
 LEVEL = 0.95
 
@@ -149,3 +154,18 @@ def estimate(cells: dict, resamples: int = RESAMPLES) -> dict:
         for column, (key, _) in enumerate(members):
             estimates[key] = Estimate(float(means[column]), matrix[:, column], designs)
     return estimates
+
+
+def share_draws(key: str, seeds: tuple[int, ...], prompts: tuple[str, ...], hits: np.ndarray, totals: np.ndarray,
+                resamples: int = RESAMPLES) -> np.ndarray:
+    """Bootstrap draws of k shares pooled over training seeds and prompts: share_j = sum hits[j] / sum totals, with
+    hits (k, S, P) and totals (S, P) per (training seed, distinct prompt). All k share each resample's counts (paired:
+    the draws of share_0 - share_1 are those of the difference). Returns (B', k), B' <= resamples: the resamples whose
+    drawn seeds and prompts hold at least one sample (the share is conditional on a non-empty subset)."""
+    hits, totals = np.asarray(hits, dtype=np.float64), np.asarray(totals, dtype=np.float64)
+    models = Training(tuple(seeds)).counts(resamples)  # (B, S)
+    drawn = _counts(_rng("share", key, list(seeds), list(prompts)), len(prompts), resamples)  # (B, P)
+    denominators = np.einsum("bs,sp,bp->b", models, totals, drawn)
+    numerators = np.einsum("bs,ksp,bp->bk", models, hits, drawn)
+    kept = denominators > 0
+    return numerators[kept] / denominators[kept, None]

@@ -11,12 +11,26 @@ prompts; paired where both rows share prompts and seeds), decided against a marg
   `cold_start_merge_vs_sft` and `cold_start_merge_vs_none` (avg, flow_opd - the ablation): superiority by at least
   the smallest effect worth reporting: holds when lo > margin; fails when hi < margin (the data exclude an effect of
   that size); else unresolved.
+- `seesaw_offtask`, one row per teacher and each of the other tasks, d = teacher - base on that task, and
+  `mixed_interference`, one row per task, d = the budget-matched mix (`mixed_grpo:matched`) - that task's teacher:
+  a drop by at least the margin (a single reward degrades the other tasks; mixing rewards costs a task what its own
+  teacher reaches): holds when hi < -margin; fails when lo > -margin (the data exclude a drop that large); else
+  unresolved.
+- `student_exceeds_teachers`, one row per teacher on its task, d = student - teacher (the comparisons of
+  `student_matches_teachers`, decided by the superiority rule): holds when lo > margin; fails when hi < margin.
+- `rescue_all_teachers_fail`, one row per task (`flowopd.results.rescue`): on the samples where every teacher of a
+  training seed scores below 0.5 (normalised), d = the student's rescue rate (score >= 0.5, not flagged
+  `prompt_ignoring`) - that of the task's teacher of the next training seed; superiority: holds when lo > margin,
+  fails when hi < margin; unresolved, with the reason, when no sample fails every teacher or there is one training
+  seed. `reports/rescue.csv` holds the failure counts and both rates.
+The last four claims use the superiority claims' margin, EFFECT_MARGIN.
 A row the comparison needs that is missing, or has no per-sample scores, makes it unresolved (the README names why).
 
 Correction: Bonferroni over all m comparison rows of the file: each interval is the (1 - 0.05/m) percentile
 interval, so that all m hold together with probability at least 95% (Bonferroni, m = the number of rows, missing
 ones included). `n_seeds` and `n_prompts` of a row: the smaller of the two models' training seeds and distinct
-test prompts (for avg, the smallest over the tasks): how much data the interval rests on.
+test prompts (for avg, the smallest over the tasks; for the rescue, the training seeds it uses and the distinct
+prompts of the failure set): how much data the interval rests on.
 """
 
 from __future__ import annotations
@@ -27,10 +41,12 @@ import polars as pl
 
 from flowopd.results.bootstrap import interval
 from flowopd.results.ledger import DEFAULT_DB
+from flowopd.results.rescue import FAIL, rescue
 from flowopd.results.tables import Results, load
 
 STUDENT, MIXED, NO_MAR, SFT_INIT, NO_COLD_START = (
     "flow_opd", "mixed_grpo", "flow_opd:no_mar", "flow_opd:sft_init", "flow_opd:no_cold_start")
+BASE, MATCHED, RESCUE = "base", "mixed_grpo:matched", "rescue_all_teachers_fail"
 ALPHA = 0.05  # family-wise error rate of the whole file
 TEACHER_MARGIN = 0.03  # "matches": this far below its teacher (normalised), the tolerance the claims always used
 EFFECT_MARGIN = 0.01  # smallest effect worth reporting: one point on the 0-1 normalised scale, the paper's 2 decimals
@@ -43,6 +59,19 @@ CLAIMS = {  # claim id -> (what it says, the margin rule)
     "cold_start_merge_vs_sft": (f"cold start: merge (`{STUDENT}`) is above SFT (`{SFT_INIT}`) on avg", "lo > margin"),
     "cold_start_merge_vs_none": (f"cold start: merge (`{STUDENT}`) is above none (`{NO_COLD_START}`) on avg",
                                  "lo > margin"),
+    "seesaw_offtask": (
+        f"a single-reward teacher degrades the other tasks: each teacher is below `{BASE}` on each other task",
+        "hi < −margin"),
+    "mixed_interference": (
+        f"mixing rewards interferes: the budget-matched mix (`{MATCHED}`) is below each teacher on that teacher's task",
+        "hi < −margin"),
+    "student_exceeds_teachers": (f"the student (`{STUDENT}`) is above every teacher on that teacher's task",
+                                 "lo > margin"),
+    RESCUE: (
+        (f"where every teacher of a training seed fails a sample (normalised headline < {FAIL:g}), the student of "
+         f"that seed rescues it (≥ {FAIL:g}, not flagged `prompt_ignoring`) more often than the task's teacher of the "
+         "next training seed (difference of rescue rates; `rescue.csv`)"),
+        "lo > margin"),
 }
 CSV_COLUMNS = ["claim", "metric", "estimate", "lo", "hi", "margin", "verdict", "n_seeds", "n_prompts"]
 SCHEMA = {"claim": pl.String, "metric": pl.String, "estimate": pl.Float64, "lo": pl.Float64, "hi": pl.Float64,
@@ -65,20 +94,34 @@ def equivalence(lo: float, hi: float, margin: float) -> str:
     return "holds" if -margin < lo and hi < margin else "fails" if hi < -margin or lo > margin else "unresolved"
 
 
+def below(lo: float, hi: float, margin: float) -> str:
+    """d < -margin (a drop of at least the margin): holds if the whole interval lies below -margin, fails if it lies
+    above."""
+    return "holds" if hi < -margin else "fails" if lo > -margin else "unresolved"
+
+
 def decide(claim: str, lo: float, hi: float, margin: float) -> str:
-    """A comparison's verdict: equivalence for the teachers, superiority by the margin for the rest."""
-    return equivalence(lo, hi, margin) if claim == "student_matches_teachers" else verdict(lo, hi, margin)
+    """A comparison's verdict: equivalence for "matches", a drop for the seesaw and the interference, superiority by
+    the margin for the rest."""
+    if claim == "student_matches_teachers":
+        return equivalence(lo, hi, margin)
+    return below(lo, hi, margin) if claim in ("seesaw_offtask", "mixed_interference") else verdict(lo, hi, margin)
 
 
 def _smaller(*counts):
     return None if None in counts else min(counts)
 
 
+def _row(claim: str, a: str, b: str, metric: str, margin: float) -> dict:
+    """A comparison row with nothing decided yet."""
+    return {"claim": claim, "metric": metric, "estimate": None, "lo": None, "hi": None, "margin": margin,
+            "verdict": "unresolved", "n_seeds": None, "n_prompts": None, "a": a, "b": b, "pairing": None,
+            "level": None, "reason": None}
+
+
 def comparison(results: Results, claim: str, a: str, b: str, metric: str, margin: float) -> tuple[dict, object]:
     """One comparison row (lo, hi and verdict still open) and the bootstrap draws of (a - b), normalised."""
-    row = {"claim": claim, "metric": metric, "estimate": None, "lo": None, "hi": None, "margin": margin,
-           "verdict": "unresolved", "n_seeds": None, "n_prompts": None, "a": a, "b": b, "pairing": None,
-           "level": None, "reason": None}
+    row = _row(claim, a, b, metric, margin)
     missing = [m for m in (a, b) if m not in results.models]
     if missing or metric not in (*results.tasks, "avg"):
         why = f"row{'s' * (len(missing) > 1)} {' and '.join(missing)} missing" if missing else f"no {metric} benchmark"
@@ -96,6 +139,15 @@ def comparison(results: Results, claim: str, a: str, b: str, metric: str, margin
     return row | {"pairing": ea.pairing(eb)}, (ea - eb).draws * scale
 
 
+def rescue_comparison(results: Results, task: str) -> tuple[dict, object]:
+    """The rescue row of one task (flowopd.results.rescue): student rate - control rate on F, and its draws."""
+    found = rescue(results, task, STUDENT)
+    row = _row(RESCUE, STUDENT, f"teacher:{task}", task, EFFECT_MARGIN)
+    row |= {"estimate": found.estimate, "n_seeds": found.n_seeds, "n_prompts": found.n_prompts,
+            "reason": found.reason, "pairing": None if found.draws is None else "paired"}
+    return row, found.draws
+
+
 def claims_frame(results: Results, quality: str = "quality") -> pl.DataFrame:
     """One row per comparison: the CSV_COLUMNS, then a, b, pairing, level (Bonferroni) and the reason of an
     unresolved row that lacks data."""
@@ -108,7 +160,12 @@ def claims_frame(results: Results, quality: str = "quality") -> pl.DataFrame:
                 ("mar_quality", STUDENT, NO_MAR, quality, EFFECT_MARGIN),
                 ("cold_start_merge_vs_sft", STUDENT, SFT_INIT, "avg", EFFECT_MARGIN),
                 ("cold_start_merge_vs_none", STUDENT, NO_COLD_START, "avg", EFFECT_MARGIN)]
+    planned += [("seesaw_offtask", f"teacher:{t}", BASE, other, EFFECT_MARGIN)
+                for t in tasks for other in results.tasks if other != t]
+    planned += [("mixed_interference", MATCHED, f"teacher:{t}", t, EFFECT_MARGIN) for t in tasks]
+    planned += [("student_exceeds_teachers", STUDENT, f"teacher:{t}", t, EFFECT_MARGIN) for t in tasks]
     compared = [comparison(results, *plan) for plan in planned]
+    compared += [rescue_comparison(results, t) for t in tasks]
     level = bonferroni_level(len(compared))
     rows = []
     for row, draws in compared:
@@ -144,9 +201,9 @@ def claim_lines(frame: pl.DataFrame, digits: int = 3) -> list[str]:
              f"(family-wise {100 * (1 - ALPHA):.0f}%).")]
     for claim, (statement, rule) in CLAIMS.items():
         parts = frame.filter(pl.col("claim") == claim).to_dicts()
-        described = []
+        described = [] if parts else ["no comparison: no task it applies to"]
         for p in parts:
-            text = f"`{p['a']}` − `{p['b']}` on {p['metric']}"
+            text = f"`{p['a']}` − `{p['b']}` {'rescue rate ' if claim == RESCUE else ''}on {p['metric']}"
             if p["estimate"] is not None:
                 text += f" = {_number(p['estimate'], digits)}"
             if p["lo"] is not None:

@@ -6,6 +6,8 @@
   headline / normaliser (the paper's Avg = mean(GenEval, OCR, DeQA/5, PickScore/26)), each with its 95% bootstrap
   interval (`<column>_lo`, `<column>_hi`; `flowopd/results/bootstrap.py`); the CSV adds `n_seeds` and `n_prompts`;
 - `claims.csv`: the paper's claims, one row per comparison (`flowopd/results/claims.py`);
+- `rescue.csv`: per task, the samples every teacher fails and the student's and a retrained teacher's rescue rates
+  on them (`flowopd/results/rescue.py`, the claim `rescue_all_teachers_fail`);
 - `mar_table.md` (every metric of the quality benchmark), `exploit_table.md` (share of prompt-ignoring samples);
 - `plots/tasks.png`, `plots/curves_<phase>.png`, `grids/<model>_<task>.png`, and `README.md` indexing them all,
   with the paper's claims rendered from claims.csv and a table per other evaluation
@@ -164,7 +166,24 @@ def exploit_markdown(frame: pl.DataFrame) -> str:
          f"Lower is better (bold: lowest); {intervals_text()}."), ""])
 
 
-def claims_markdown(claims: pl.DataFrame) -> str:
+def rescue_markdown(rescue: pl.DataFrame) -> str:
+    """The rescue table (rescue.csv) as Markdown, `–` where a number is unknown."""
+    from flowopd.results.rescue import FAIL
+
+    def shown(value, digits=DIGITS):
+        return "–" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+    lines = [(f"[rescue.csv](rescue.csv): per task, F = the samples (prompt row x evaluation seed) on which every "
+              f"teacher of a training seed scores below {FAIL:g} (normalised headline), `failures` = |F| summed over "
+              f"training seeds; a model rescues a sample when it scores at least {FAIL:g} there and "
+              "`prompt_ignoring` does not flag it; `student_rate`: `flow_opd` of the same seed, `control_rate`: the "
+              "task's teacher of the next training seed (`flowopd/results/rescue.py`)."), "",
+             "| " + " | ".join(rescue.columns) + " |", "|---" * rescue.width + "|"]
+    lines += ["| " + " | ".join(shown(v) for v in row) + " |" for row in rescue.iter_rows()]
+    return "\n".join(lines)
+
+
+def claims_markdown(claims: pl.DataFrame, rescue: pl.DataFrame | None = None) -> str:
     from flowopd.results.claims import claim_lines
 
     return "\n".join([
@@ -175,15 +194,17 @@ def claims_markdown(claims: pl.DataFrame) -> str:
          "distinct prompts resampled; paired where both rows were evaluated on the same prompts and seeds), "
          "Bonferroni-corrected over all m rows of the file so that all intervals hold together at 95%. "
          "`student_matches_teachers` is an equivalence test: **holds** when −margin < lo and hi < margin, "
-         "**fails** when the interval lies wholly outside (−margin, margin). The other claims are superiority by at "
-         "least the smallest "
+         "**fails** when the interval lies wholly outside (−margin, margin). `seesaw_offtask` and "
+         "`mixed_interference` claim a drop of at least the margin: **holds** when hi < −margin, **fails** when "
+         "lo > −margin. The other claims are superiority by at least the smallest "
          "effect worth reporting: **holds** when lo > margin, **fails** when hi < margin (the data exclude an "
-         "effect that large). **unresolved**: the interval contains the threshold, or a row the comparison needs "
+         "effect that large); `rescue_all_teachers_fail` compares rescue rates (below the claims), not means. "
+         "**unresolved**: the interval contains the threshold, or a row the comparison needs "
          "is missing or has no per-sample scores (named). A claim of several comparisons holds when all hold, "
          "fails when any fails, and is unresolved otherwise. `n_seeds`, `n_prompts`: the training seeds and "
          "distinct test prompts the interval rests on (the smaller of the two rows). Computed by "
          "`flowopd/results/claims.py` (`flowopd report claims`)."), "",
-        *claim_lines(claims, DIGITS), ""])
+        *claim_lines(claims, DIGITS), "", *([rescue_markdown(rescue), ""] if rescue is not None else [])])
 
 
 # ---------------------------------------------------------------- plots
@@ -271,6 +292,8 @@ def _readme(main: str, phases: list[str], grids: dict[str, dict[str, str]], task
          "training seeds, prompts and evaluation seeds with its 95% bootstrap interval (CSV: `<column>_lo`, "
          "`<column>_hi`, and the row's `n_seeds` and `n_prompts`; TeX: a booktabs tabular for `\\input`)."),
         "- [claims.csv](claims.csv): the paper's claims, one row per comparison (rendered below).",
+        ("- [rescue.csv](rescue.csv): per task, the samples every teacher fails and the rates at which the student "
+         "and a retrained teacher rescue them (rendered below the claims)."),
         "- [plots/tasks.png](plots/tasks.png): per-task bars per model, error bars the 95% intervals.",
         "- [mar_table.md](mar_table.md): every metric of the quality benchmark per model, with and without MAR.",
         f"- [exploit_table.md](exploit_table.md): {exploit_line}.",
@@ -298,6 +321,7 @@ def build(shards: list[str | Path], db: str | Path = DEFAULT_DB, out: str | Path
     from flowopd.results import formats as render
     from flowopd.results import tables
     from flowopd.results.claims import claims_frame, csv_frame
+    from flowopd.results.rescue import rescue_frame
 
     out = Path(out)
     with connect(db, read_only=True) as con:
@@ -310,12 +334,13 @@ def build(shards: list[str | Path], db: str | Path = DEFAULT_DB, out: str | Path
     main, mar_frame, exploit_frame = (main_markdown(results, frame), results.metric_table(quality_benchmark),
                                       results.exploit_table())
     mar, exploit = mar_markdown(mar_frame, quality_benchmark), exploit_markdown(exploit_frame)
-    claims_table = claims_frame(results, quality_benchmark)
-    claims = claims_markdown(claims_table)
+    claims_table, rescue_table = claims_frame(results, quality_benchmark), rescue_frame(results)
+    claims = claims_markdown(claims_table, rescue_table)
     caption = ("Main table: headline metric per task and avg (mean of headline / normaliser), mean over training "
                "seeds, prompts and evaluation seeds, [95% bootstrap interval]; bold: best per column.")
     write_text(out / "main_table.csv", render.csv(frame))
     write_text(out / "claims.csv", render.csv(csv_frame(claims_table)))
+    write_text(out / "rescue.csv", render.csv(rescue_table))
     write_text(out / "main_table.md", main)
     write_text(out / "main_table.tex", render.latex(frame, DIGITS, caption=caption))
     write_text(out / "mar_table.md", mar)

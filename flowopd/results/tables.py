@@ -205,6 +205,7 @@ class Results:
     estimates: dict[tuple[str, str, str], Estimate]
     prompts: pl.DataFrame | None = None  # model, benchmark, prompts (distinct texts), rows, seeds: per-sample scores
     budgets: pl.DataFrame | None = None  # model, train_images, train_cpu_s: per trained model (mean over seeds)
+    samples: pl.DataFrame | None = None  # per-sample scores (SAMPLES_SQL's columns): what the rescue claim counts
 
     def __post_init__(self):
         bench = self.values.group_by("benchmark").agg(pl.col("position").min(), pl.col("headline", "normaliser")
@@ -357,7 +358,7 @@ def results_of(con, run_ids: list[str]) -> Results:
     prompts = samples.group_by("model", "benchmark").agg(prompts=pl.col("prompt").n_unique(),
                                                          rows=pl.col("prompt_index").n_unique(),
                                                          seeds=pl.col("seed").n_unique())
-    return Results(values, means, sample_estimates(samples, means), prompts, budgets)
+    return Results(values, means, sample_estimates(samples, means), prompts, budgets, samples)
 
 
 def load_groups(con, run_ids: list[str]) -> list[Results]:

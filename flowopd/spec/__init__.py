@@ -36,6 +36,7 @@ from flowopd.spec.training import (
     NoColdStart,
     OPDSettings,
     QuerySettings,
+    ReferenceKLSettings,
     Router,
     RouterRule,
     SFTColdStart,
@@ -46,8 +47,8 @@ from flowopd.spec.validation import load_spec, load_spec_or_exit, validate_spec
 __all__ = [
     "BaseTraining", "Baseline", "EmaSettings", "Evaluation", "FilePrompts", "GRPOMethod", "GRPOSettings",
     "LoraSettings", "MARSettings", "MergeColdStart", "NFTMethod", "NoColdStart", "OCRSettings", "OPDSettings",
-    "PickScoreSettings", "QuerySettings", "RemoteSettings", "Router", "RouterRule", "SD3Model", "SFTColdStart",
-    "SamplerSettings", "Spec", "SpecError", "Task", "Teacher", "TinyModel", "TinyPrompts", "World",
+    "PickScoreSettings", "QuerySettings", "ReferenceKLSettings", "RemoteSettings", "Router", "RouterRule", "SD3Model",
+    "SFTColdStart", "SamplerSettings", "Spec", "SpecError", "Task", "Teacher", "TinyModel", "TinyPrompts", "World",
     "canonical_hash", "canonical_json", "deep_merge", "extends_chain", "json_schema", "load_spec",
     "load_spec_or_exit", "resolve_raw", "spec_hash", "validate_spec",
 ]

@@ -45,8 +45,10 @@ LORA_MERGES = ("product", "factors")
 SFT_TARGET_SAMPLERS = ("evaluation", "rollout")  # the SFT targets' sampler: evaluation.sampler or its own
 
 # on-policy distillation
-ESTIMATORS = ("sampled", "analytic", "analytic_grad", "diffusion_opd", "velocity_mse")
+ESTIMATORS = ("sampled", "analytic", "analytic_grad", "diffusion_opd", "velocity_mse", "reference_kl", "gkd")
 PPO_ESTIMATORS = ("sampled", "analytic")  # a per-step reward as the advantage of PPO-clip
-SDE_ESTIMATORS = ("sampled", "analytic", "analytic_grad")  # need the SDE's Gaussian steps (noise_level > 0)
+# the Flow-OPD reference code's own updates (its `reward_mode` kl_only and gkd), on Flow-GRPO's mean-reduced step
+REFERENCE_ESTIMATORS = ("reference_kl", "gkd")
+SDE_ESTIMATORS = ("sampled", "analytic", "analytic_grad", *REFERENCE_ESTIMATORS)  # need the SDE (noise_level > 0)
 CREDITS = ("step", "element")
 QUERY_DRAWS = ("uniform", "beta")

@@ -12,6 +12,7 @@ from flowopd.spec.fields import (
     INT_MAX,
     Bool,
     Decay,
+    Float,
     Fraction,
     GradientCheckpointing,
     MicroBatch,
@@ -245,6 +246,24 @@ class QuerySettings(Section):
         return value
 
 
+class ReferenceKLSettings(Section):
+    """The advantage of estimator reference_kl, A_t = clamp(kl_scale D_t, -adv_clip, adv_clip) with D_t the step
+    divergence mean_d (mu_S - mu_T)^2 / (2 sd(s)^2) (docs/estimators.md); the defaults are the reference code's
+    (CostaliyA/Flow-OPD, config/grpo.py mix_opd_8gpu and config/base.py)."""
+
+    kl_scale: Float = -1.0
+    """Multiplies D_t into the advantage (train.kl_scale); negative: A = -D, the distance to the teacher as a cost."""
+    adv_clip: PositiveFloat = 5.0
+    """Advantages clamped to +-adv_clip (train.adv_clip_max); no gradient flows through a clamped advantage."""
+
+    @field_validator("kl_scale")
+    @classmethod
+    def _nonzero(cls, value):
+        if value == 0:
+            raise ValueError("kl_scale 0 makes every advantage 0 (the reference code then trains nothing)")
+        return value
+
+
 class OPDSettings(MicroBatch, GradientCheckpointing):
     """Multi-teacher on-policy distillation: the routed teacher's step at the student's own states."""
 
@@ -253,8 +272,11 @@ class OPDSettings(MicroBatch, GradientCheckpointing):
     per-step reward: sampled (log p_teacher - log p_student at the student's x'), analytic (-KL in closed form,
     detached). Differentiated: analytic_grad (the closed-form step KL, GKD-style: DiffusionOPD's objective on SDE
     rollouts), diffusion_opd (DiffusionOPD's code: ||mu_S - mu_T||^2 / 2 on ODE rollouts, / (2 a^2 s / (1 - s)) on
-    the SDE), velocity_mse (DanceOPD: ||v_S - v_T||^2 at one low-noise state per rollout, see `query`). The first
-    three need the SDE sampler (noise_level > 0); the last two also take the ODE (noise_level 0)."""
+    the SDE), velocity_mse (DanceOPD: ||v_S - v_T||^2 at one low-noise state per rollout, see `query`). The Flow-OPD
+    reference code's own updates: reference_kl (PPO-clip with the advantage clamp(kl_scale D), D = ||mu_S - mu_T||^2
+    / (2 sd(s)^2) computed with the student's gradient, see `reference_kl`) and gkd (D differentiated directly).
+    sampled, analytic, analytic_grad, reference_kl and gkd need the SDE sampler (noise_level > 0); diffusion_opd and
+    velocity_mse also take the ODE (noise_level 0)."""
     credit: Literal[C.CREDITS] = "step"
     """step: one reward per sample and trained step, advantage of the step's log-prob (the paper's); element: each
     latent element's log-ratio is the advantage of that element's log-prob (per-token OPD with the elements as
@@ -262,6 +284,8 @@ class OPDSettings(MicroBatch, GradientCheckpointing):
     to credit."""
     query: QuerySettings | None = None
     """velocity_mse only: which state of each rollout is queried; null: QuerySettings' defaults."""
+    reference_kl: ReferenceKLSettings | None = None
+    """reference_kl only: its advantage's scale and clamp; null: the reference code's (kl_scale -1, adv_clip 5)."""
     reward_to_go: Bool = False
     normalize_advantage: Bool = False
     clip_eps: PositiveFloat = 1e-4
@@ -310,12 +334,31 @@ class OPDSettings(MicroBatch, GradientCheckpointing):
                                  f"{self.sampler.steps - 1}")
         return self
 
+    @model_validator(mode="after")
+    def _reference_estimators_as_the_reference_code(self):
+        if self.reference_kl is not None and self.estimator != "reference_kl":
+            raise ValueError(f"reference_kl applies to estimator reference_kl, not {self.estimator}")
+        if self.estimator not in C.REFERENCE_ESTIMATORS:
+            return self
+        if self.sampler.logprob_reduction != "mean":
+            raise ValueError(f"estimator {self.estimator} is the reference code's update on Flow-GRPO's log-probs and "
+                             "divergences averaged over elements: it needs sampler.logprob_reduction mean")
+        if self.reward_to_go or self.normalize_advantage:
+            raise ValueError(f"estimator {self.estimator} has no per-step reward to sum or standardise: "
+                             "reward_to_go and normalize_advantage must be false")
+        batch = self.prompts_per_step * self.group_size
+        if self.estimator == "reference_kl" and self.micro_batch is not None and self.micro_batch < batch:
+            raise ValueError(f"estimator reference_kl pairs every sample's advantage with every sample's ratio (the "
+                             f"reference code's (B, 1) x (B,) broadcast), so micro_batch {self.micro_batch} may not "
+                             f"split the batch ({batch}): leave it unset")
+        return self
+
     @model_serializer(mode="wrap")
     def _omit_absent_query(self, handler):
-        """An unset query (and memory settings at their defaults) are left out of the dump, so specs written before
-        they existed keep their hash."""
+        """An unset query or reference_kl (and memory settings at their defaults) are left out of the dump, so specs
+        written before they existed keep their hash."""
         data = without_memory_defaults(handler(self))
-        return {k: v for k, v in data.items() if not (k == "query" and v is None)}
+        return {k: v for k, v in data.items() if not (k in ("query", "reference_kl") and v is None)}
 
 
 class MARSettings(Section):

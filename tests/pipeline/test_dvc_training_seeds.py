@@ -39,7 +39,7 @@ def seed_of(name: str) -> int:
 def test_the_shipped_pipelines_train_the_main_rows_over_three_seeds_and_the_estimator_ablations_once():
     """specs/flow_opd.yaml names three training seeds, its estimator ablations one; the sd3 specs one."""
     built = pipeline.build(ROOT)["stages"]
-    assert Counter(seed_of(name) for name in built if name.startswith("opd-")) == {0: 9, 1: 4, 2: 4}
+    assert Counter(seed_of(name) for name in built if name.startswith("opd-")) == {0: 10, 1: 4, 2: 4}
     assert Counter(seed_of(name) for name in built if name.startswith("teacher-")) == {0: 3, 1: 3, 2: 3}
     assert {name.split("-")[0] for name in built if seed_of(name)} == {"teacher", "baseline", "cold_start", "opd",
                                                                         "eval"}

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from flowopd.pipeline.runner import downstream, run, stage_graph
+from flowopd.pipeline.runner import downstream, run, stage_graph, stage_slots
 
 DVC = Path(sys.executable).with_name("dvc")
 pytestmark = pytest.mark.skipif(not DVC.exists() or not shutil.which("git"), reason="needs dvc and git")
@@ -87,3 +90,32 @@ def test_a_failure_stops_new_stages_keeps_finished_ones_and_shows_the_log(tmp_pa
     assert not (root / "times" / "late.start").exists()  # nor anything new
     lock = yaml.safe_load((root / "dvc.lock").read_text())
     assert "ok" in lock["stages"] and "bad" not in lock["stages"]
+
+
+def test_a_stage_on_every_core_runs_alone(tmp_path):
+    """An evaluation (its command runs stages/eval.py) takes all slots: nothing runs beside it."""
+    alone = timed("e", 1)
+    alone["cmd"] = ": stages/eval.py && " + alone["cmd"]
+    root = project(tmp_path, {"a": timed("a", 1.5), "e": alone, "b": timed("b", 1.5)})
+    assert stage_slots(root / "dvc.yaml", 2) == {"a": 1, "e": 2, "b": 1}
+    assert run(root, jobs=2, progress=False) == 0
+    (a0, a1), (e0, e1), (b0, b1) = (times(root, n) for n in "aeb")
+    assert a0 < b1 and b0 < a1  # the one-slot stages shared the two slots
+    assert e0 >= max(a1, b1) or e1 <= min(a0, b0)  # the evaluation overlapped neither
+
+
+def test_kill_stops_the_running_stages(tmp_path):
+    """`kill` (SIGTERM) of the runner stops its stages, even ones that ignore SIGINT, before it exits."""
+    stage = {"cmd": "echo $$ > pid && trap '' INT && sleep 60 && touch done", "outs": ["done"]}
+    root = project(tmp_path, {"slow": stage})
+    code = "import sys; from flowopd.pipeline import runner; runner.STOP_GRACE = 1; runner.run(sys.argv[1], 1, False)"
+    process = subprocess.Popen([sys.executable, "-c", code, str(root)])
+    for _ in range(100):
+        if (root / "pid").exists() and (root / "pid").read_text().strip():
+            break
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) != 0
+    pid = int((root / "pid").read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)

@@ -135,3 +135,20 @@ def test_average_and_constant_cells():
     assert avg.mean == pytest.approx((0.5 + 4.0 / 5) / 2)
     assert avg.lo < avg.mean < avg.hi and avg.designs == {design("text"), design("quality")}  # one seed: no draw
     assert avg.pairing(cells["text"]) == "partial"
+
+
+def test_share_draws_pool_each_resample_and_leave_out_empty_ones():
+    hits = np.array([[[1, 0, 2], [0, 1, 0]], [[0, 0, 1], [1, 1, 0]]], dtype=float)  # k=2 shares, S=2 seeds, P=3
+    totals = np.array([[2, 0, 3], [0, 1, 1]], dtype=float)  # seed 0 has no sample of prompt b: a resample may be empty
+    key, seeds, prompts, resamples = "k", (0, 1), ("a", "b", "c"), 400
+    draws = bootstrap.share_draws(key, seeds, prompts, hits, totals, resamples)
+    models = Training(seeds).counts(resamples)
+    drawn = bootstrap._counts(bootstrap._rng("share", key, list(seeds), list(prompts)), len(prompts), resamples)
+    expected = []
+    for u, v in zip(models, drawn):  # the definition, one resample at a time
+        weight = u[:, None] * v[None, :]
+        if (weight * totals).sum() > 0:
+            expected.append([(weight * h).sum() / (weight * totals).sum() for h in hits])
+    assert 0 < resamples - len(expected) < resamples // 2  # some resamples drew no sample, most did
+    assert np.allclose(draws, expected)
+    assert np.array_equal(draws, bootstrap.share_draws(key, seeds, prompts, hits, totals, resamples))  # fixed seed

@@ -23,6 +23,7 @@ def test_every_field_of_every_section_is_listed():
 def test_types_carry_constraints_defaults_and_docstrings():
     text = field_reference()
     assert "| `canvas` | int (> 0) | `32` |" in text
-    assert '| `estimator` | one of "sampled", "analytic", "analytic_grad", "diffusion_opd", "velocity_mse" |' in text
+    assert ('| `estimator` | one of "sampled", "analytic", "analytic_grad", "diffusion_opd", "velocity_mse", '
+            '"reference_kl", "gkd" |') in text
     assert "[TinyModel](#tinymodel) or [SD3Model](#sd3model), chosen by `kind`" in text
     assert "Random sizes and positions" in text  # World.jitter's docstring
