@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# 40,000 resamples: a Bonferroni-corrected bound sits far out in a tail (the 22 comparisons of flowopd.results.claims:
+# 40,000 resamples: a Bonferroni-corrected bound sits far out in a tail (the 23 comparisons of flowopd.results.claims:
 # 0.11% per tail), and 40,000 leave 45 draws beyond it where 10,000 left 11; at 95% the Monte Carlo error is ~0.3% of
 # the interval's width. A draw is a (B, P) count matrix and a tensordot, milliseconds per cell.
 RESAMPLES = 40_000

@@ -67,6 +67,7 @@ def ledger(tmp_path):
         "mixed_grpo": {"text": 0.1, "objects": 0.1, "quality": 0.1},
         "flow_opd": {"text": 0.29, "objects": 0.20, "quality": 0.20},
         "flow_opd:sft_init": {"text": 0.29, "objects": 0.20, "quality": 0.20},  # equal to merge: no 0.01 gain -> fails
+        "flow_opd:reference_update": {"text": 0.30, "objects": 0.20, "quality": 0.20},  # avg +0.0033: within 0.03
     }
     db = tmp_path / "ledger.duckdb"
     noise = {"teacher:quality": 0.1}
@@ -91,6 +92,9 @@ def test_claims_decided_from_corrected_paired_intervals(ledger):
     sft = rows[("cold_start_merge_vs_sft", "flow_opd:sft_init")]
     assert sft["verdict"] == "fails" and sft["lo"] < 0 < sft["hi"] < EFFECT_MARGIN  # equal rows: no 0.01 gain
     assert rows[("cold_start_merge_vs_none", "flow_opd:no_cold_start")]["verdict"] == "unresolved"
+    reference = rows[("reference_update", "flow_opd")]
+    assert (reference["verdict"], reference["margin"], reference["metric"]) == ("holds", 0.03, "avg")
+    assert reference["estimate"] == pytest.approx(0.01 / 3, abs=0.002) and -0.03 < reference["lo"] < reference["hi"] < 0.03
     assert set(frame["verdict"]) <= {"holds", "fails", "unresolved"}  # reasons stay out of the verdict
     for r in frame.filter(pl.col("lo").is_not_null()).iter_rows(named=True):
         assert r["lo"] < r["estimate"] < r["hi"]
@@ -98,7 +102,7 @@ def test_claims_decided_from_corrected_paired_intervals(ledger):
     quality = rows[("student_matches_teachers", "teacher:quality")]
     assert quality["estimate"] == pytest.approx(-0.035, abs=0.005) and quality["lo"] < -0.03 < quality["hi"]
     lines = claim_lines(frame)
-    assert lines[0].startswith("Bonferroni, m = 22: each interval is the 99.77% percentile interval")
+    assert lines[0].startswith("Bonferroni, m = 23: each interval is the 99.78% percentile interval")
     assert lines[1].startswith("- `student_matches_teachers`: ") and "**fails**" in lines[1]
     assert "**holds**" in lines[2] and "unresolved (row flow_opd:no_mar missing)" in lines[3]
 
@@ -107,8 +111,9 @@ def test_each_interval_is_the_bonferroni_percentile_interval(ledger):
     results = tables.load(ledger)
     frame = claims_frame(results)
     m = frame.height
-    # 5 of the 7 original rows, and the 3 of student_exceeds_teachers; no base, matched mix or second training seed
-    assert m == 22 and frame["level"].drop_nulls().to_list() == pytest.approx([1 - 0.05 / m] * 8)
+    # 5 of the 7 original rows, the 3 of student_exceeds_teachers and reference_update; no base, matched mix or
+    # second training seed
+    assert m == 23 and frame["level"].drop_nulls().to_list() == pytest.approx([1 - 0.05 / m] * 9)
     for r in frame.filter(pl.col("lo").is_not_null()).iter_rows(named=True):
         scale = 1.0 if r["metric"] == "avg" else 1 / results.normaliser[r["metric"]]
         draws = results.difference(r["a"], r["b"], r["metric"]).draws * scale
@@ -120,12 +125,12 @@ def test_each_interval_is_the_bonferroni_percentile_interval(ledger):
 def test_report_claims_command_prints_the_correction_then_one_line_per_claim(ledger, capsys):
     assert main(["report", "claims", "--db", str(ledger), "--digits", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("Bonferroni, m = 22")
+    assert lines[0].startswith("Bonferroni, m = 23")
     assert [line.split("`")[1] for line in lines[1:]] == ["student_matches_teachers", "student_above_mixed",
                                                           "mar_quality", "cold_start_merge_vs_sft",
                                                           "cold_start_merge_vs_none", "seesaw_offtask",
                                                           "mixed_interference", "student_exceeds_teachers",
-                                                          "rescue_all_teachers_fail"]
+                                                          "rescue_all_teachers_fail", "reference_update"]
     assert "`teacher:objects` on objects = −0.09 [−0.10, −0.08] (paired; 1 training seed, 48 distinct prompts): " \
            "fails" in lines[1] and "−margin < lo and hi < margin, margin 0.03: **fails**" in lines[1]
 
@@ -209,11 +214,12 @@ def test_the_new_rows_join_the_bonferroni_family(analysis):
     counts = dict(frame.group_by("claim").len().iter_rows())
     assert counts == {"student_matches_teachers": 3, "student_above_mixed": 1, "mar_quality": 1,
                       "cold_start_merge_vs_sft": 1, "cold_start_merge_vs_none": 1, "seesaw_offtask": 6,
-                      "mixed_interference": 3, "student_exceeds_teachers": 3, "rescue_all_teachers_fail": 3}
+                      "mixed_interference": 3, "student_exceeds_teachers": 3, "rescue_all_teachers_fail": 3,
+                      "reference_update": 1}
     m = frame.height
-    assert m == 22 and claim_lines(frame)[0].startswith("Bonferroni, m = 22: each interval is the 99.77% ")
+    assert m == 23 and claim_lines(frame)[0].startswith("Bonferroni, m = 23: each interval is the 99.78% ")
     levels = frame["level"].drop_nulls().to_list()
-    assert len(levels) == 15 and levels == pytest.approx([1 - 0.05 / 22] * 15)  # the rows with an interval
+    assert len(levels) == 15 and levels == pytest.approx([1 - 0.05 / 23] * 15)  # the rows with an interval
     seesaw = frame.filter(pl.col("claim") == "seesaw_offtask").row(0, named=True)
     draws = results.difference(seesaw["a"], seesaw["b"], seesaw["metric"]).draws / results.normaliser[seesaw["metric"]]
     assert (seesaw["lo"], seesaw["hi"]) == pytest.approx(tuple(np.quantile(draws, [0.025 / m, 1 - 0.025 / m])),

@@ -237,14 +237,15 @@ def test_readme_renders_claims_csv(spread):
     assert [r["claim"] for r in rows] == ["student_matches_teachers"] * 3 + [
         "student_above_mixed", "mar_quality", "cold_start_merge_vs_sft", "cold_start_merge_vs_none"] + [
         "seesaw_offtask"] * 6 + ["mixed_interference"] * 3 + ["student_exceeds_teachers"] * 3 + [
-        "rescue_all_teachers_fail"] * 3
+        "rescue_all_teachers_fail"] * 3 + ["reference_update"]
     assert {r["verdict"] for r in rows} <= {"holds", "fails", "unresolved"}
-    assert "[claims.csv](claims.csv)" in readme and "Bonferroni, m = 22: each interval is the 99.77% " in readme
+    assert "[claims.csv](claims.csv)" in readme and "Bonferroni, m = 23: each interval is the 99.78% " in readme
     section = readme.split("## The paper's claims", 1)[1].split("Sample grids", 1)[0]
     lines = {line.split("`")[1]: line for line in section.splitlines() if line.startswith("- `")}
     assert list(lines) == ["student_matches_teachers", "student_above_mixed", "mar_quality",
                            "cold_start_merge_vs_sft", "cold_start_merge_vs_none", "seesaw_offtask",
-                           "mixed_interference", "student_exceeds_teachers", "rescue_all_teachers_fail"]
+                           "mixed_interference", "student_exceeds_teachers", "rescue_all_teachers_fail",
+                           "reference_update"]
     # one training seed and no prompt_ignoring flags: no rescue interval; rescue.csv and its README table are there
     assert "[rescue.csv](rescue.csv)" in readme and "| task | failures | student_rate | control_rate |" in section
     assert [r["task"] for r in read_csv(out / "rescue.csv")] == ["text", "objects", "quality"]

@@ -84,7 +84,7 @@ def test_rescue_claim_rows_and_their_verdicts(seeded, tmp_path):
     frame = claims_frame(results)
     rows = {r["metric"]: r for r in frame.filter(pl.col("claim") == "rescue_all_teachers_fail").iter_rows(named=True)}
     m = frame.height
-    assert m == 22 and list(rows) == ["text", "objects", "quality"]
+    assert m == 23 and list(rows) == ["text", "objects", "quality"]
     quality = rows["quality"]  # rescued every time, by the student alone: lo = hi = 1 > 0.01
     assert (quality["estimate"], quality["lo"], quality["hi"], quality["verdict"]) == (1.0, 1.0, 1.0, "holds")
     assert (quality["a"], quality["b"], quality["pairing"], quality["n_seeds"]) == (
