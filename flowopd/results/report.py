@@ -177,7 +177,8 @@ def rescue_markdown(rescue: pl.DataFrame) -> str:
               f"teacher of a training seed scores below {FAIL:g} (normalised headline), `failures` = |F| summed over "
               f"training seeds; a model rescues a sample when it scores at least {FAIL:g} there and "
               "`prompt_ignoring` does not flag it; `student_rate`: `flow_opd` of the same seed, `control_rate`: the "
-              "task's teacher of the next training seed (`flowopd/results/rescue.py`)."), "",
+              "task's teacher of the next training seed, `student_other_seeds_rate`: `flow_opd` of the other "
+              "training seeds, not distilled from the teachers that failed (`flowopd/results/rescue.py`)."), "",
              "| " + " | ".join(rescue.columns) + " |", "|---" * rescue.width + "|"]
     lines += ["| " + " | ".join(shown(v) for v in row) + " |" for row in rescue.iter_rows()]
     return "\n".join(lines)

@@ -12,7 +12,9 @@ seed s:
 - the student is `flow_opd` of seed s; the control is the task's own teacher of the next training seed (the seeds in
   order, the last followed by the first: (s + 1) mod S for seeds 0..S-1), a model trained for the task that took no
   part in choosing F_s: what retraining alone rescues by chance.
-The rates pool over seeds: rescued samples / |F|, |F| = the sum over seeds of |F_s|. The claim's d = student rate -
+The rates pool over seeds: rescued samples / |F|, |F| = the sum over seeds of |F_s|. `rescue.csv` also gives the
+rate of the students of the other training seeds on each F_s (pooled over (sample, seed) pairs; no interval): a
+student not distilled from the teachers that failed, which tells inherited failures from regression to the mean. The claim's d = student rate -
 control rate, its interval from `bootstrap.share_draws` (training seeds, then F's distinct prompts, each with all
 its samples; both rates from one resample: paired). Unresolved, with a reason: a row missing, no per-sample scores
 or flags, F empty, or one training seed (no teacher of another seed to compare with).
@@ -31,7 +33,7 @@ from flowopd.results.tables import EXPLOIT_METRIC, Results
 STUDENT = "flow_opd"
 FAIL = 0.5  # normalised headline: below it a sample fails, at or above it (unflagged) it is a success
 SAMPLE = ["prompt_index", "seed"]  # one sample of a benchmark: prompt row x evaluation seed
-CSV_COLUMNS = ["task", "failures", "student_rate", "control_rate", "n_seeds", "n_prompts"]
+CSV_COLUMNS = ["task", "failures", "student_rate", "control_rate", "student_other_seeds_rate", "n_seeds", "n_prompts"]
 
 
 @dataclass
@@ -44,6 +46,7 @@ class Rescue:
     n_prompts: int | None = None  # distinct prompt texts among F
     student_rate: float | None = None
     control_rate: float | None = None
+    student_other_seeds_rate: float | None = None  # the students of the other training seeds on F_s (inheritance)
     draws: np.ndarray | None = None
     reason: str | None = None
 
@@ -98,7 +101,7 @@ def rescue(results: Results, task: str, student: str = STUDENT) -> Rescue:
     seeds = sorted(set.intersection(*seeds_of))
     if not seeds:
         return Rescue(task, reason=f"no training seed with {task} samples of {student} and every teacher")
-    parts = []
+    parts, others = [], []
     for i, seed in enumerate(seeds):
         failed = failure_set(table, teachers, seed)
         roles = [("student", student, seed)]
@@ -111,6 +114,11 @@ def rescue(results: Results, task: str, student: str = STUDENT) -> Rescue:
                 return Rescue(task, reason=why)
             columns[role] = hits
         parts.append(failed.with_columns(**columns))
+        for other in (s for s in seeds if s != seed):  # students not distilled from the teachers that failed
+            hits, why = rescued(table, failed, student, other, task)
+            if why:
+                return Rescue(task, reason=why)
+            others.append(hits)
     failures = pl.concat(parts, how="diagonal")
     common = {"failures": failures.height, "n_seeds": len(seeds), "n_prompts": failures["prompt"].n_unique()}
     if not failures.height:
@@ -128,7 +136,7 @@ def rescue(results: Results, task: str, student: str = STUDENT) -> Rescue:
         hits[:, i, j], totals[i, j] = (by_student, by_control), n
     shares = share_draws(f"rescue {task}", tuple(seeds), tuple(prompts), hits, totals)
     return Rescue(task, **common, student_rate=student_rate, control_rate=failures["control"].mean(),
-                  draws=shares[:, 0] - shares[:, 1])
+                  student_other_seeds_rate=pl.concat(others).mean(), draws=shares[:, 0] - shares[:, 1])
 
 
 def rescue_frame(results: Results, student: str = STUDENT) -> pl.DataFrame:
@@ -137,4 +145,5 @@ def rescue_frame(results: Results, student: str = STUDENT) -> pl.DataFrame:
     found = [rescue(results, task, student) for task in results.tasks]
     return pl.DataFrame([{c: getattr(r, c) for c in CSV_COLUMNS} for r in found],
                         schema={"task": pl.String, "failures": pl.Int64, "student_rate": pl.Float64,
-                                "control_rate": pl.Float64, "n_seeds": pl.Int64, "n_prompts": pl.Int64})
+                                "control_rate": pl.Float64, "student_other_seeds_rate": pl.Float64,
+                                "n_seeds": pl.Int64, "n_prompts": pl.Int64})

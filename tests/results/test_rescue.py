@@ -59,6 +59,8 @@ def test_rescue_rates_on_a_hand_made_failure_set(seeded):
     text = rescue(results, "text")
     assert (text.failures, text.n_seeds, text.n_prompts, text.reason) == (5, 2, 4, None)
     assert (text.student_rate, text.control_rate, text.estimate) == pytest.approx((0.6, 0.2, 0.4))
+    # seed 1's student rescues all of F_0 (0.8, unflagged); seed 0's rescues (1, 0) of F_1 (0.9, unflagged): 5 of 5
+    assert text.student_other_seeds_rate == pytest.approx(1.0)
     # the draws are those of the pooled shares per (training seed, distinct prompt) counted by hand
     hits = np.array([[[2, 0, 0, 0], [0, 1, 0, 0]],   # student: seed 0 prompt 0 twice; seed 1 prompt 1
                      [[1, 0, 0, 0], [0, 0, 0, 0]]])  # control: seed 1's teacher on (0, 1)
@@ -73,9 +75,10 @@ def test_rescue_rates_on_a_hand_made_failure_set(seeded):
     assert (objects.failures, objects.reason, objects.draws) == (0, "no objects sample that every teacher fails", None)
 
     frame = rescue_frame(results)
-    assert frame.columns == ["task", "failures", "student_rate", "control_rate", "n_seeds", "n_prompts"]
-    assert frame.rows() == [("text", 5, pytest.approx(0.6), pytest.approx(0.2), 2, 4),
-                            ("objects", 0, None, None, 2, 0), ("quality", 16, 1.0, 0.0, 2, 4)]
+    assert frame.columns == ["task", "failures", "student_rate", "control_rate", "student_other_seeds_rate",
+                             "n_seeds", "n_prompts"]
+    assert frame.rows() == [("text", 5, pytest.approx(0.6), pytest.approx(0.2), pytest.approx(1.0), 2, 4),
+                            ("objects", 0, None, None, None, 2, 0), ("quality", 16, 1.0, 0.0, 1.0, 2, 4)]
 
 
 def test_rescue_claim_rows_and_their_verdicts(seeded, tmp_path):
@@ -102,7 +105,7 @@ def test_rescue_claim_rows_and_their_verdicts(seeded, tmp_path):
     build(list(shards), db, out)
     assert pl.read_csv(out / "rescue.csv")["failures"].to_list() == [5, 0, 16]
     readme = (out / "README.md").read_text()
-    assert "| text | 5 | 0.600 | 0.200 | 2 | 4 |" in readme and "| objects | 0 | – | – | 2 | 0 |" in readme
+    assert "| text | 5 | 0.600 | 0.200 | 1.000 | 2 | 4 |" in readme and "| objects | 0 | – | – | – | 2 | 0 |" in readme
     assert ("`flow_opd` − `teacher:quality` rescue rate on quality = +1.000 [+1.000, +1.000] (paired; 2 training "
             "seeds, 4 distinct prompts): holds") in readme
 
