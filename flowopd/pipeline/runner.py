@@ -58,12 +58,16 @@ def _inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder + os.sep)
 
 
-def stage_graph(dvc_yaml: Path) -> dict[str, set[str]]:
-    """Stage -> the stages whose outputs it depends on, in dvc.yaml's order."""
+def read_stages(dvc_yaml: Path) -> dict[str, dict]:
+    """dvc.yaml's stages, in its order."""
     try:
-        stages = (yaml.safe_load(Path(dvc_yaml).read_text()) or {}).get("stages") or {}
+        return (yaml.safe_load(Path(dvc_yaml).read_text()) or {}).get("stages") or {}
     except (OSError, yaml.YAMLError) as err:
         raise RunnerError(f"cannot read {dvc_yaml}: {err}") from None
+
+
+def stage_graph(stages: dict[str, dict]) -> dict[str, set[str]]:
+    """Stage -> the stages whose outputs it depends on."""
     producers = {path: name for name, stage in stages.items()
                  for key in ("outs", "metrics", "plots") for path in _paths(stage.get(key))}
     graph = {}
@@ -74,10 +78,9 @@ def stage_graph(dvc_yaml: Path) -> dict[str, set[str]]:
     return graph
 
 
-def stage_slots(dvc_yaml: Path, jobs: int) -> dict[str, int]:
+def stage_slots(stages: dict[str, dict], jobs: int) -> dict[str, int]:
     """Stage -> slots it takes: all `jobs` for a phase that computes on every core (its command runs
     `stages/<phase>.py`, phase in ALL_CORES_PHASES), else one."""
-    stages = (yaml.safe_load(Path(dvc_yaml).read_text()) or {}).get("stages") or {}
     slots = {}
     for name, stage in stages.items():
         found = STAGE_SCRIPT.search(str(stage.get("cmd", "")))
@@ -152,8 +155,8 @@ def run(project: Path = Path("."), jobs: int = 1, progress: bool = True) -> int:
     if jobs < 1:
         raise RunnerError(f"jobs must be at least 1, got {jobs}")
     project = Path(project)
-    graph = stage_graph(project / "dvc.yaml")
-    slots = stage_slots(project / "dvc.yaml", jobs)
+    stages = read_stages(project / "dvc.yaml")
+    graph, slots = stage_graph(stages), stage_slots(stages, jobs)
     dvc = dvc_executable()
     stale = downstream(graph, changed_stages(project, dvc) & graph.keys())
     todo = [name for name in graph if name in stale]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flowopd.pipeline.runner import downstream, run, stage_graph, stage_slots
+from flowopd.pipeline.runner import downstream, read_stages, run, stage_graph, stage_slots
 
 DVC = Path(sys.executable).with_name("dvc")
 pytestmark = pytest.mark.skipif(not DVC.exists() or not shutil.which("git"), reason="needs dvc and git")
@@ -43,7 +43,7 @@ def times(root: Path, name: str) -> tuple[float, float]:
 def test_graph_and_downstream(tmp_path):
     root = project(tmp_path, {"a": timed("a"), "b": timed("b"), "c": timed("c", deps=("out/a", "out/b")),
                               "d": timed("d", deps=("out/c",))})
-    graph = stage_graph(root / "dvc.yaml")
+    graph = stage_graph(read_stages(root / "dvc.yaml"))
     assert graph == {"a": set(), "b": set(), "c": {"a", "b"}, "d": {"c"}}
     assert downstream(graph, {"b"}) == {"b", "c", "d"}
     assert downstream(graph, {"d"}) == {"d"}
@@ -97,7 +97,7 @@ def test_a_stage_on_every_core_runs_alone(tmp_path):
     alone = timed("e", 1)
     alone["cmd"] = ": stages/eval.py && " + alone["cmd"]
     root = project(tmp_path, {"a": timed("a", 1.5), "e": alone, "b": timed("b", 1.5)})
-    assert stage_slots(root / "dvc.yaml", 2) == {"a": 1, "e": 2, "b": 1}
+    assert stage_slots(read_stages(root / "dvc.yaml"), 2) == {"a": 1, "e": 2, "b": 1}
     assert run(root, jobs=2, progress=False) == 0
     (a0, a1), (e0, e1), (b0, b1) = (times(root, n) for n in "aeb")
     assert a0 < b1 and b0 < a1  # the one-slot stages shared the two slots
