@@ -1,6 +1,7 @@
 """Eval phase: a model on every benchmark with the ODE sampler over several seeds.
 
-Writes `metrics.json` (per benchmark, per metric: one value per seed, their mean and std, and the headline),
+Scores the prompt split `evaluation.split` names (val: tuning; test: the report). Writes `metrics.json` (the split;
+per benchmark, per metric: one value per seed, their mean and std, and the headline),
 `samples.jsonl` (per-sample scores) and `grid_<task>.png` (the first images of seed 0, captioned). Beside the
 reward's metrics, `prompt_ignoring` is the share of samples flowopd.evaluation.exploits flags (per sample: its 0 / 1 flag).
 
@@ -154,7 +155,7 @@ def evaluate(bundle, spec, prompts_folder: Path, out: Path | None, progress: boo
     sample_rows = []
     for task_name in evaluation.benchmarks:
         task = spec.tasks[task_name]
-        prompts = read_prompts(prompts_folder, task_name, "test")[: evaluation.n_prompts]
+        prompts = read_prompts(prompts_folder, task_name, evaluation.split)[: evaluation.n_prompts]
         reward = task_reward(task, world_config(spec))  # the trainers' reward, in the spec's world
         per_seed: dict[str, list[float]] = {}
         bar = tqdm(total=len(prompts) * len(evaluation.seeds), desc=f"eval {task_name}",
@@ -194,6 +195,7 @@ def evaluate(bundle, spec, prompts_folder: Path, out: Path | None, progress: boo
             },
         }
     record = {
+        "split": evaluation.split,  # the ledger keeps it: the report leaves val evaluations out
         "benchmarks": benchmarks,
         "headline": {t: b["metrics"][b["headline"]]["mean"] for t, b in benchmarks.items()},
     }

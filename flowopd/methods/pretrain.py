@@ -20,7 +20,16 @@ from tqdm import tqdm
 
 from flowopd.models.tiny import TinyBundle, build_vocab
 from flowopd.runtime.records import tally
-from flowopd.world import TASKS, WorldConfig, all_prompts, corrupt_prompt, degrade, render, render_bad_mode
+from flowopd.world import (
+    TASKS,
+    WorldConfig,
+    all_prompts,
+    corrupt_prompt,
+    degrade,
+    render,
+    render_bad_mode,
+    split_prompts,
+)
 from flowopd.world.prompt_sets import world_config
 
 
@@ -33,12 +42,15 @@ def tiny_model_config(spec) -> dict:
     return {"canvas": world.canvas, "vocab": build_vocab(texts), **config}
 
 
-def sample_training_prompts(world: WorldConfig, task_mix: dict[str, float], rng: np.random.Generator, n: int):
-    """The whole grammar (both splits, as a web-scale base has seen everything): task by `task_mix`, then family
-    uniform, then prompt uniform."""
+def sample_training_prompts(world: WorldConfig, task_mix: dict[str, float], rng: np.random.Generator, n: int,
+                            content: str = "train"):
+    """Every wording of the training split's content (`content` "train": no validation or test content, whatever
+    the wording, flowopd.world.grammar) or of the whole grammar ("all"): task by `task_mix`, then family uniform,
+    then prompt uniform."""
     tasks = [t for t in TASKS if task_mix.get(t, 0) > 0]
     weights = np.array([task_mix[t] for t in tasks], dtype=float)
-    grammar = {t: list(all_prompts(world, t).values()) for t in tasks}
+    source = {"train": lambda t: split_prompts(world, t, "train"), "all": lambda t: all_prompts(world, t)}[content]
+    grammar = {t: list(source(t).values()) for t in tasks}
     prompts = []
     for task in rng.choice(len(tasks), size=n, p=weights / weights.sum()):
         families = grammar[tasks[task]]
@@ -52,7 +64,7 @@ def make_training_pairs(spec, n: int, rng: np.random.Generator) -> tuple[list[st
     task's bad mode (base.bad_modes). Without base.bad_modes_from those pairs show the bad mode from the start (their
     entry in `images` is the bad render too); with it, `images` holds their clean render until that step."""
     world, base = world_config(spec), spec.base
-    prompts = sample_training_prompts(world, base.task_mix, rng, n)
+    prompts = sample_training_prompts(world, base.task_mix, rng, n, base.content)
     images = np.empty((n, world.canvas, world.canvas, 3), dtype=np.uint8)
     bad: dict[int, np.ndarray] = {}
     flaw_kinds = list(base.flaws)

@@ -1,4 +1,5 @@
-"""Phase `data`: each task's prompt sets (train and test), drawn from the tiny world or read from files.
+"""Phase `data`: each task's prompt sets (train, validation, test), drawn from the tiny world or read from files;
+the record counts each tiny task's distinct contents per split, checked disjoint across splits and tasks.
 
     python stages/data.py --spec SPEC --out DIR
 """
@@ -15,7 +16,7 @@ from flowopd.runtime.launch import refuse_several_processes
 
 
 def run_data(spec, out: Path) -> None:
-    from flowopd.world.prompt_sets import build_prompt_sets, write_prompt_sets
+    from flowopd.world.prompt_sets import build_prompt_sets, content_census, write_prompt_sets
 
     started, start = now(), time.time()
     with atomic_folder(out) as folder:
@@ -23,6 +24,7 @@ def run_data(spec, out: Path) -> None:
         write_prompt_sets(sets, folder)
         counts = {task: {split: len(p) for split, p in splits.items()} for task, splits in sets.items()}
         write_provenance(folder, "data", sub_spec(spec, "data"), **spec_identity(spec), prompt_counts=counts,
+                         distinct_contents=content_census(spec, sets),
                          started=started, finished=now(), seconds=round(time.time() - start, 2))
 
 

@@ -1,4 +1,5 @@
-"""Phase `eval`: a model artifact on every benchmark (each task's test prompts) for every evaluation seed.
+"""Phase `eval`: a model artifact on every benchmark (each task's prompts of `evaluation.split`) for every
+evaluation seed; meta.json and metrics.json record the split (val: tuning only, never in the report).
 
     python stages/eval.py --spec SPEC --model DIR --data DIR --label LABEL --out DIR [--metrics JSON]
 
@@ -83,7 +84,7 @@ def run_eval(
     bundle = load_model(spec, model_dir, processes.device)
     evaluation = spec.evaluation  # sd3: every benchmark prompt embedded once, then the text encoders freed
     embed_and_release(bundle, [p.text for task in evaluation.benchmarks
-                               for p in read_prompts(data_dir, task, "test")[: evaluation.n_prompts]],
+                               for p in read_prompts(data_dir, task, evaluation.split)[: evaluation.n_prompts]],
                       evaluation.micro_batch)
     kept_folder = kept_batches_folder(spec, out, model_sha256, clean=processes.is_main)
     kept = ScoredBatches(kept_folder)
@@ -99,6 +100,7 @@ def run_eval(
             sub_spec(spec, "eval"),
             **spec_identity(spec),
             model=label,
+            split=evaluation.split,
             model_dir=str(model_dir),
             model_sha256=model_sha256,
             model_recorded_sha256=model_meta.get("weights_sha256"),

@@ -20,7 +20,8 @@ from flowopd.spec.validation import load_spec_or_exit
 # fixed count keeps a stage's artifact the same whether it runs alone or beside others (`flowopd pipeline run -j N`).
 # One thread each, two training stages side by side do 1.1-1.3x the work of one on two threads (docs/pipeline.md).
 # The base and the evaluation keep every core and the runner gives them the machine alone: everything waits for the
-# base, and the evaluation's bf16 sampling (no gradient) runs 2.2x faster on two threads than on one.
+# base, and an evaluation's numbers then stay those it gives run alone (two one-thread evaluations side by side are
+# about as fast as one after the other on two threads, docs/pipeline.md).
 STAGE_THREADS = 1
 ALL_CORES_PHASES = ("base", "eval")
 UNPINNED_PHASES = ("data", *ALL_CORES_PHASES)  # data imports no torch

@@ -1,10 +1,11 @@
 """dvc.yaml from the spec files: one stage per (phase, resolved sub-spec), shared by every spec that agrees.
 
-Two pipelines (PIPELINES): `dvc.yaml` runs specs/*.yaml and specs/ablations/*.yaml (the tiny world, what
-`dvc repro` runs here); `sd3/dvc.yaml` runs specs/sd3/*.yaml (SD3.5 Medium on GPUs: `cd sd3 && dvc repro`) as a DVC
-project of its own (so the root's `dvc status` and `dvc metrics show` never see its stages), writing under
-sd3/artifacts/ and sd3/reports/ (its own ledger and report); its commands run from the repository root (`cd ..`),
-and its code, specs and prompt files are dependencies outside its folder. Both follow the same rules:
+Two pipelines (PIPELINES): `dvc.yaml` runs specs/*.yaml, specs/ablations/*.yaml and specs/sweeps/*.yaml (the tiny
+world, what `dvc repro` runs here; the sweeps evaluate on the validation prompts, where the main spec's values are
+chosen); `sd3/dvc.yaml` runs specs/sd3/*.yaml (SD3.5 Medium on GPUs: `cd sd3 && dvc repro`) as a DVC project of its
+own (so the root's `dvc status` and `dvc metrics show` never see its stages), writing under sd3/artifacts/ and
+sd3/reports/ (its own ledger and report); its commands run from the repository root (`cd ..`), and its code, specs
+and prompt files are dependencies outside its folder. Both follow the same rules:
 
 A stage is named and keyed by the hash of the sections its phase reads (`flowopd.phases.keys.PHASE_SECTIONS`), so:
 - editing evaluation settings changes only eval stages; editing the base changes the base and all downstream;
@@ -86,12 +87,13 @@ class Layout:
 
 
 PIPELINES = (
-    Layout(".", ("specs/*.yaml", "specs/ablations/*.yaml"), "artifacts", "reports"),
+    Layout(".", ("specs/*.yaml", "specs/ablations/*.yaml", "specs/sweeps/*.yaml"), "artifacts", "reports"),
     Layout("sd3", ("specs/sd3/*.yaml",), "sd3/artifacts", "sd3/reports"),
 )
 TINY = PIPELINES[0]
 REPORT_OUTS = ["main_table.csv", "main_table.md", "main_table.tex", "claims.csv", "rescue.csv", "mar_table.md",
                "exploit_table.md", "README.md", "plots", "grids"]  # in the reports folder
+VALIDATION_OUTS = ["validation.csv", "validation.md"]  # written only when a spec evaluates on `val` (sweeps)
 # The sections each phase lists as DVC params; an sd3 base stage only names the pretrained model (its training stages
 # read it themselves, not through the base artifact), so they list `model` too.
 # `sampler` is the training phases' shared rollout sampler, which each inherits (so each lists it).
@@ -128,7 +130,8 @@ SPEC_FILE_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*\.ya?ml$")  # what a 
 
 
 def pipeline_specs(root: Path, layout: Layout = TINY) -> list[str]:
-    """Main specs first, then ablations, each sorted: the first spec of a shared stage names it in `cmd`."""
+    """Main specs first, then ablations, then sweeps, each sorted: the first spec of a shared stage names it in
+    `cmd`."""
     return [p for pattern in layout.specs for p in sorted(glob.glob(pattern, root_dir=root))]
 
 
@@ -162,6 +165,7 @@ class _Builder:
         self.used: set[str] = set()  # the stages of the spec being added
         self.shards: dict[str, str] = {}  # eval out -> the model folder it evaluated (the ledger reads its curve)
         self.anchor_task: str | None = None  # the MAR table's benchmark: the first spec's MAR anchor's task
+        self.validates = False  # a spec evaluates on the validation prompts: the report writes VALIDATION_OUTS
 
     def add(self, name: str, stage: dict, spec_path: str, param_keys: tuple[str, ...]) -> None:
         self.used.add(name)
@@ -216,7 +220,8 @@ class _Builder:
         self.stages["report"] = self.layout.localized({
             "cmd": command("python", "stages/report.py", "--db", db, "--out", reports, *quality, *listed),
             "deps": [*self.code("report"), db, *self.shards],
-            "outs": [{f"{reports}/{path}": {"cache": False, "persist": True}} for path in REPORT_OUTS],
+            "outs": [{f"{reports}/{path}": {"cache": False, "persist": True}}
+                     for path in REPORT_OUTS + VALIDATION_OUTS * self.validates],
         })
 
 
@@ -305,6 +310,7 @@ def build(root: Path = Path("."), layout: Layout = TINY, notes: list[str] | None
                 and "baseline" in new_rows and "opd" not in new_rows:
             models = {model_key: (spec.label if model_key.startswith("baseline-") else label, folder)
                       for model_key, (label, folder) in models.items()}
+        b.validates |= spec.evaluation.split == "val"
         for model_key, (label, model_dir) in models.items():
             b.evaluate(spec_path, model_key, label, model_dir, data_dir, keys["eval"])
         twin = stages_of.setdefault(frozenset(b.used), spec_path)

@@ -26,7 +26,8 @@ prompts; paired where both rows share prompts and seeds), decided against a marg
 The last four claims use the superiority claims' margin, EFFECT_MARGIN.
 - `reference_update`, d = the reference code's update (`flow_opd:reference_update`, estimator `reference_kl`) -
   `flow_opd` on avg: an equivalence test at the teachers' margin (0.03), as `student_matches_teachers`.
-A row the comparison needs that is missing, or has no per-sample scores, makes it unresolved (the README names why).
+A row the comparison needs that is missing, or has no per-sample scores, makes it unresolved (the README names why);
+so does an interval over fewer than MIN_PROMPTS distinct test prompts (its interval is still shown).
 
 Correction: Bonferroni over all m comparison rows of the file: each interval is the (1 - 0.05/m) percentile
 interval, so that all m hold together with probability at least 95% (Bonferroni, m = the number of rows, missing
@@ -54,6 +55,9 @@ EQUIVALENCE_CLAIMS = ("student_matches_teachers", "reference_update")
 ALPHA = 0.05  # family-wise error rate of the whole file
 TEACHER_MARGIN = 0.03  # "matches": this far below its teacher (normalised), the tolerance the claims always used
 EFFECT_MARGIN = 0.01  # smallest effect worth reporting: one point on the 0-1 normalised scale, the paper's 2 decimals
+# A verdict needs at least this many distinct test prompts behind the interval (for avg: in every task): a percentile
+# bootstrap over a handful of prompt clusters draws only a few distinct resamples and understates the spread.
+MIN_PROMPTS = 20
 CLAIMS = {  # claim id -> (what it says, the margin rule)
     "student_matches_teachers": (
         f"the student (`{STUDENT}`) matches every teacher on that teacher's task (equivalence)",
@@ -179,8 +183,11 @@ def claims_frame(results: Results, quality: str = "quality") -> pl.DataFrame:
     for row, draws in compared:
         if draws is not None:
             lo, hi = interval(draws, level)
-            row |= {"lo": lo, "hi": hi, "level": level,
-                    "verdict": decide(row["claim"], lo, hi, row["margin"])}
+            row |= {"lo": lo, "hi": hi, "level": level, "verdict": decide(row["claim"], lo, hi, row["margin"])}
+            if row["n_prompts"] is not None and row["n_prompts"] < MIN_PROMPTS:
+                row |= {"verdict": "unresolved",
+                        "reason": f"{row['n_prompts']} distinct test prompts, fewer than the {MIN_PROMPTS} a verdict "
+                                  f"needs"}
         rows.append(row)
     return pl.DataFrame(rows, schema=SCHEMA)
 

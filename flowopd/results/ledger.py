@@ -3,7 +3,9 @@
 Tables (all joined on `run_id`):
 - runs:       one row per run: eval runs (one per eval shard) and the training run of the model each evaluated
               (from the model folder, linked by the eval row's `parent_run_id`); spec, git and environment, and
-              `training_seed`: the seed index of the trained or evaluated model (NULL for the base and older runs).
+              `training_seed`: the seed index of the trained or evaluated model (NULL for the base and older runs);
+              `split`: the prompt split an eval run scored (val or test; an eval record from before splits: test;
+              NULL for training runs). The report's tables and claims read only test runs.
 - benchmarks: per eval run and benchmark: headline metric, the task's normaliser (for avg), report position, n.
 - metrics:    per eval run, benchmark, metric and seed: the value (n: prompts scored).
 - samples:    per eval run, benchmark, seed, prompt and metric: one image's score (samples.jsonl, long format); what
@@ -61,6 +63,7 @@ TABLES: dict[str, dict[str, str]] = {
         "python": "VARCHAR", "platform": "VARCHAR", "packages": "VARCHAR", "device": "VARCHAR",
         "started": "TIMESTAMP", "finished": "TIMESTAMP", "seconds": "DOUBLE", "shard": "VARCHAR", "meta": "VARCHAR",
         "training_seed": "INTEGER",  # the run record's seed index (docs/specs.md#training-seeds)
+        "split": "VARCHAR",  # an eval run's prompt split (evaluation.split): val or test
     },
     "benchmarks": {
         "run_id": "VARCHAR", "benchmark": "VARCHAR", "position": "INTEGER", "headline": "VARCHAR",
@@ -85,6 +88,7 @@ TABLES: dict[str, dict[str, str]] = {
 # Tables filled for a run the ledger already holds when it has no rows there yet: a ledger written before the table
 # existed gains the rows on the next ingest of the same shards (their run_ids are unchanged).
 BACKFILL = ("samples", "budgets")
+SPLITS = ("val", "test")  # evaluation.split: what an eval run scored
 SAMPLE_KEYS = ("benchmark", "seed", "index", "prompt")  # the rest of a samples.jsonl row: one score per metric
 MEAN_TOLERANCE = 1e-6  # metrics.json's values must be the mean of their samples (float32 rounding aside)
 ROLES = {"meta.json": "meta", "spec.json": "spec", "metrics.json": "metrics", "samples.jsonl": "samples",
@@ -305,6 +309,18 @@ def _check_metrics(record, where: str) -> dict:
     return record
 
 
+def _split(meta: dict, record: dict, folder: Path) -> str:
+    """The prompt split an eval shard scored: meta.json's, which metrics.json must not contradict; a shard from
+    before splits names none and scored the test prompts."""
+    split = meta.get("split", record.get("split", "test"))
+    if split not in SPLITS:
+        where = "meta.json" if "split" in meta else "metrics.json"
+        raise LedgerError(f"{folder}/{where}: split: {split!r} is not one of {', '.join(SPLITS)}")
+    if record.get("split", split) != split:
+        raise LedgerError(f"{folder}/metrics.json: split {record['split']!r} is not meta.json's {split!r}")
+    return split
+
+
 def _whole(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
@@ -407,6 +423,7 @@ def read_shard(rows: Rows, folder: str | Path) -> str:
             where = f"{folder}/meta.json" if key == "model" else run_record_path(folder)
             raise LedgerError(f"{where}: {key}: missing")
     record = _check_metrics(_read_json(folder / "metrics.json"), f"{folder}/metrics.json")
+    split = _split(meta, record, folder)
     samples = read_samples(folder / "samples.jsonl", record)
     check_samples(folder, record, samples)
     spec = _read_json(folder / "spec.json")
@@ -433,7 +450,8 @@ def read_shard(rows: Rows, folder: str | Path) -> str:
     rows.run_ids.add(run_id)
     rows.add("runs", **_run_row(meta, run, f"{folder}/meta.json", run_id=run_id, parent_run_id=parent,
                                 model=meta["model"], model_sha256=meta.get("model_sha256"),
-                                model_sections_hash=meta.get("model_sections_hash"), shard=folder.as_posix()))
+                                model_sections_hash=meta.get("model_sections_hash"), shard=folder.as_posix(),
+                                split=split))
     for row in benchmark_rows:
         rows.add("benchmarks", **row)
     metrics = rows.columns["metrics"]  # column by column: a shard holds tasks x metrics x seeds values
@@ -509,6 +527,7 @@ def create_tables(con) -> None:
         body = ", ".join(f"{c} {t}{key if c == 'run_id' else ''}" for c, t in cols.items())
         con.execute(f"CREATE TABLE IF NOT EXISTS {table} ({body})")
     con.execute("ALTER TABLE runs ADD COLUMN IF NOT EXISTS training_seed INTEGER")  # a ledger from before seeds
+    con.execute("ALTER TABLE runs ADD COLUMN IF NOT EXISTS split VARCHAR")  # before splits (NULL: test, see tables)
 
 
 def _rollback(con) -> None:

@@ -9,6 +9,8 @@
 - `rescue.csv`: per task, the samples every teacher fails and the student's and a retrained teacher's rescue rates
   on them (`flowopd/results/rescue.py`, the claim `rescue_all_teachers_fail`);
 - `mar_table.md` (every metric of the quality benchmark), `exploit_table.md` (share of prompt-ignoring samples);
+- `validation.csv` / `.md`: the evaluations of the validation prompts (the sweeps), one row per label and task
+  (`flowopd/results/validation_table.py`); written only when there are some, and a section of `README.md` then;
 - `plots/tasks.png`, `plots/curves_<phase>.png`, `grids/<model>_<task>.png`, and `README.md` indexing them all,
   with the paper's claims rendered from claims.csv and a table per other evaluation
   setting (an ablation of `evaluation`); under each table, the run and shard every row comes from.
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
 
 DEFAULT_OUT = Path("reports")
 DIGITS = 3  # decimals of every number the report prints (CSV: 6)
+VALIDATION_FILES = ("validation.csv", "validation.md")  # only when there are val evaluations
 CURVES_SQL = """
 SELECT r.phase, r.model, {seed} AS training_seed, c.key, c.step, c.value
 FROM runs r JOIN curves c ON c.run_id = r.run_id
@@ -233,7 +236,9 @@ def plot_tasks(results: Results, frame: pl.DataFrame, path: Path) -> None:
     for ax, task in zip(axes[0], tasks):
         means = [v if v is not None else float("nan") for v in frame[task].to_list()]
         bounds = zip(frame[f"{task}_lo"].to_list(), frame[f"{task}_hi"].to_list())
-        errors = [(m - lo, hi - m) if lo is not None else (0.0, 0.0) for m, (lo, hi) in zip(means, bounds)]
+        # clamped at 0: a zero-width interval's bounds may miss its mean by a rounding error
+        errors = [(max(m - lo, 0.0), max(hi - m, 0.0)) if lo is not None else (0.0, 0.0)
+                  for m, (lo, hi) in zip(means, bounds)]
         ax.bar(range(len(models)), means, yerr=list(zip(*errors)) if errors else None, capsize=3,
                color=[colours(i % 10) for i in range(len(models))])
         ax.set_title(f"{task} ({results.headline[task]})")
@@ -275,7 +280,7 @@ def plot_curves(curves: pl.DataFrame, phase: str, path: Path) -> None:
 
 # ---------------------------------------------------------------- README and build
 def _readme(main: str, phases: list[str], grids: dict[str, dict[str, str]], tasks: list[str], mar: str,
-            exploit: str, claims: str, has_exploit: bool, others: str = "") -> str:
+            exploit: str, claims: str, has_exploit: bool, others: str = "", validation: str = "") -> str:
     from flowopd.results.tables import model_order
 
     columns = tasks + sorted({t for g in grids.values() for t in g} - set(tasks))
@@ -298,6 +303,9 @@ def _readme(main: str, phases: list[str], grids: dict[str, dict[str, str]], task
         "- [plots/tasks.png](plots/tasks.png): per-task bars per model, error bars the 95% intervals.",
         "- [mar_table.md](mar_table.md): every metric of the quality benchmark per model, with and without MAR.",
         f"- [exploit_table.md](exploit_table.md): {exploit_line}.",
+        *([("- [validation.md](validation.md) / [validation.csv](validation.csv): the evaluations of the validation "
+            "prompts (the sweeps), where the specs' values are chosen (rendered below the main table).")]
+          if validation else []),
         *[f"- [plots/curves_{p}.png](plots/curves_{p}.png): training curves of the {p} phase, one line per model "
           "(faint: raw, solid: running mean)." for p in phases],
         ("- `ledger.duckdb`: every run ever ingested (tables runs, benchmarks, metrics, samples, curves, artifacts), "
@@ -309,6 +317,7 @@ def _readme(main: str, phases: list[str], grids: dict[str, dict[str, str]], task
         *grid_table, "",
         main.replace("# Main table", "## Main table", 1),
         "![tasks](plots/tasks.png)", "",
+        *([validation.replace("# Validation", "## Validation", 1)] if validation else []),
         mar.replace("# MAR table", "## MAR table", 1),
         *([exploit.replace("# Exploit table", "## Exploit table", 1)] if has_exploit else []),
         *([others] if others else []),
@@ -323,11 +332,13 @@ def build(shards: list[str | Path], db: str | Path = DEFAULT_DB, out: str | Path
     from flowopd.results import tables
     from flowopd.results.claims import claims_frame, csv_frame
     from flowopd.results.rescue import rescue_frame
+    from flowopd.results.validation_table import load_validation, validation_frame, validation_markdown
 
     out = Path(out)
     with connect(db, read_only=True) as con:
         run_ids = tables.current_run_ids(con, shards, db)
         results, *others = tables.load_groups(con, run_ids)  # the main evaluation setting's rows first
+        validation_table = validation_frame(load_validation(con, run_ids))
         parents = results.values["parent_run_id"].drop_nulls().unique().to_list()
         curves = tables.query_runs(con, CURVES_SQL, parents)
     shard_of = {shard_run_id(s): Path(s) for s in shards}
@@ -346,6 +357,10 @@ def build(shards: list[str | Path], db: str | Path = DEFAULT_DB, out: str | Path
     write_text(out / "main_table.tex", render.latex(frame, DIGITS, caption=caption))
     write_text(out / "mar_table.md", mar)
     write_text(out / "exploit_table.md", exploit)
+    validation = validation_markdown(validation_table, DIGITS, intervals_text()) if validation_table.height else ""
+    if validation:  # no val evaluations: no files, no section
+        write_text(out / "validation.csv", render.csv(validation_table))
+        write_text(out / "validation.md", validation)
     phases = sorted(curves["phase"].unique().to_list())
     with atomic_folder(out / "plots") as folder:
         plot_tasks(results, frame, folder / "tasks.png")
@@ -363,5 +378,5 @@ def build(shards: list[str | Path], db: str | Path = DEFAULT_DB, out: str | Path
     for folder in (out / "plots", out / "grids"):  # atomic_folder's temp folders are private
         os.chmod(folder, 0o777 & ~UMASK)
     write_text(out / "README.md", _readme(main, phases, grids, results.tasks, mar, exploit, claims,
-                                          exploit_frame.height > 0, other_settings_markdown(others)))
+                                          exploit_frame.height > 0, other_settings_markdown(others), validation))
     return frame

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from flowopd.results.ledger import DEFAULT_DB, LedgerError
 from flowopd.results.ledger_cli import ledger_lock
-from flowopd.results.report import DEFAULT_OUT, DIGITS, build
+from flowopd.results.report import DEFAULT_OUT, DIGITS, VALIDATION_FILES, build
 from flowopd.runtime.artifacts import replace_path, staging_folder, write_text
 
 
@@ -36,11 +36,15 @@ def _one_line(action) -> int:
 
 def build_in_place(shards, db: Path, out: Path, quality_benchmark: str):
     """The report written whole into a staging folder beside its outputs, then each output replaced atomically
-    (README.md last), all under the ledger's lock; returns the main table."""
+    (README.md last), all under the ledger's lock; returns the main table. A validation table the new report lacks
+    (no val evaluations now) is removed after the README that no longer links it: an old one would pass for current."""
     with ledger_lock(db), staging_folder(Path(out) / "report") as staging:
         table = build(shards, db, staging, quality_benchmark)
+        gone = [name for name in VALIDATION_FILES if not (staging / name).exists()]
         for path in sorted(staging.iterdir(), key=lambda p: (p.name == "README.md", p.name)):
             replace_path(path, Path(out) / path.name)
+        for name in gone:
+            (Path(out) / name).unlink(missing_ok=True)
     return table
 
 

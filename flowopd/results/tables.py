@@ -22,7 +22,10 @@ order given; a label without results is a row of nulls (and a note on stderr), s
 A row is a label under one evaluation setting (the eval sub-spec's hash), holding one model per training seed
 (`runs.training_seed`; NULL, or a ledger without the column, counts as seed 0): an ablation that changes only
 `evaluation` adds rows of its own setting instead of replacing others. The tables and claims show the main
-setting's rows (the setting with the most rows); `load_groups` gives every setting.
+setting's rows (the setting with the most rows); `load_groups` gives every setting. Only evaluations of the test
+prompts make rows (`runs.split` test; NULL, or a ledger without the column, is from before splits: test): a `val`
+evaluation (evaluation.split, for tuning) never enters a table, a claim or a comparison; `row_groups(..., "val")`
+gives the validation rows, which only the validation table shows (flowopd.results.validation_table).
 """
 
 from __future__ import annotations
@@ -39,11 +42,12 @@ import polars as pl
 from flowopd.results import bootstrap
 from flowopd.results.bootstrap import Design, Estimate, Training
 from flowopd.results.budgets import row_budgets
-from flowopd.results.ledger import DEFAULT_DB, MEAN_TOLERANCE, LedgerError, connect, shard_run_id
+from flowopd.results.ledger import DEFAULT_DB, MEAN_TOLERANCE, SPLITS, LedgerError, connect, shard_run_id
 
 EXPLOIT_METRIC = "prompt_ignoring"  # share of samples a detector flags as ignoring the prompt, per benchmark
 
-# The queries below read a run's training seed as {seed} (training_seed_sql: the column where the ledger has it).
+# The queries below read a run's training seed as {seed} (training_seed_sql: the column where the ledger has it) and
+# its prompt split as {split} (split_sql).
 # Headline values of the wanted eval runs, one row per (run, benchmark, seed).
 HEADLINE_SQL = """
 SELECT r.run_id, r.model, {seed} AS training_seed, r.finished, r.parent_run_id, r.shard, r.spec_name, r.spec_hash,
@@ -59,7 +63,7 @@ WHERE r.phase = 'eval' AND r.run_id IN (SELECT run_id FROM wanted)
 # all runs or those of one spec (hash), oldest first.
 LINEAGE = "coalesce(r.model_sections_hash, r.model_sha256, r.run_id)"
 LATEST_SQL = f"""
-SELECT r.run_id FROM runs r WHERE r.phase = 'eval' AND (? IS NULL OR r.spec_hash = ?)
+SELECT r.run_id FROM runs r WHERE r.phase = 'eval' AND {{split}} = 'test' AND (? IS NULL OR r.spec_hash = ?)
 QUALIFY row_number() OVER (PARTITION BY r.model, {{seed}}, {LINEAGE}, r.sections_hash
                            ORDER BY r.finished DESC NULLS LAST, r.run_id) = 1
 ORDER BY r.finished NULLS FIRST, r.run_id
@@ -67,7 +71,7 @@ ORDER BY r.finished NULLS FIRST, r.run_id
 ROWS_SQL = f"""
 SELECT r.run_id, r.model, {{seed}} AS training_seed, {LINEAGE} AS lineage, r.sections_hash AS evaluation,
        r.spec_name, r.shard, r.finished
-FROM runs r WHERE r.phase = 'eval' AND r.run_id IN (SELECT run_id FROM wanted)
+FROM runs r WHERE r.phase = 'eval' AND {{split}} = {{rows_split}} AND r.run_id IN (SELECT run_id FROM wanted)
 ORDER BY r.finished NULLS FIRST, r.run_id
 """
 # Every metric of the wanted eval runs: each run's mean over evaluation seeds, then the mean over a row's runs (its
@@ -113,17 +117,36 @@ def sql(query: str, db: str | Path = DEFAULT_DB, params: list | None = None) -> 
             raise LedgerError(str(err).splitlines()[0]) from None
 
 
+def _runs_column_or(con, column: str, default: str, alias: str = "r") -> str:
+    """`column` of runs in SQL, NULL read as `default` (an SQL literal); `default` in a ledger written before the
+    column existed."""
+    columns = con.execute("SELECT column_name FROM information_schema.columns WHERE table_name = 'runs'").fetchall()
+    return f"coalesce({alias}.{column}, {default})" if (column,) in columns else default
+
+
 def training_seed_sql(con, alias: str = "r") -> str:
     """A run's training seed in SQL: the `runs.training_seed` column (NULL: 0) where the ledger has it; 0 in a
     ledger written before the column existed."""
-    columns = con.execute("SELECT column_name FROM information_schema.columns WHERE table_name = 'runs'").fetchall()
-    return f"coalesce({alias}.training_seed, 0)" if ("training_seed",) in columns else "0"
+    return _runs_column_or(con, "training_seed", "0", alias)
+
+
+def split_sql(con, alias: str = "r") -> str:
+    """An eval run's prompt split in SQL: `runs.split`; NULL or no column (from before splits): 'test'."""
+    return _runs_column_or(con, "split", "'test'", alias)
+
+
+def _fill(con, query: str) -> str:
+    """The query with {seed} and {split} read from run `r`."""
+    for key, column in (("{seed}", training_seed_sql), ("{split}", split_sql)):
+        if key in query:
+            query = query.replace(key, column(con))
+    return query
 
 
 def query_runs(con, query: str, run_ids: list[str]) -> pl.DataFrame:
-    """A query whose `wanted` table holds `run_ids`; `{seed}` in it reads the training seed of run `r`."""
-    if "{seed}" in query:
-        query = query.replace("{seed}", training_seed_sql(con))
+    """A query whose `wanted` table holds `run_ids`; `{seed}` / `{split}` in it read run `r`'s training seed and
+    prompt split."""
+    query = _fill(con, query)
     con.register("wanted", pl.DataFrame({"run_id": run_ids}, schema={"run_id": pl.String}))
     try:
         return con.sql(query).pl()
@@ -131,13 +154,17 @@ def query_runs(con, query: str, run_ids: list[str]) -> pl.DataFrame:
         con.unregister("wanted")
 
 
-def row_groups(con, run_ids: list[str]) -> list[list[str]]:
+def row_groups(con, run_ids: list[str], split: str = "test") -> list[list[str]]:
     """The runs of every report row, grouped by evaluation setting: the main setting (most rows; a tie: the one
     listed first) first. A row is a label under one setting, holding one run per training seed; of the runs of one
     (label, training seed) the latest is kept. Under one setting a label and training seed name one model: two from
-    different specs are refused, an older one of the same spec (the spec was edited since) is left out with a note."""
+    different specs are refused, an older one of the same spec (the spec was edited since) is left out with a note.
+    Only runs of the prompt `split` count (test: the report's tables; val: the validation table)."""
+    if split not in SPLITS:
+        raise LedgerError(f"split: {split!r} is not one of {', '.join(SPLITS)}")
+    rows_sql = ROWS_SQL.replace("{rows_split}", f"'{split}'")  # one of SPLITS: a safe literal
     groups: dict[str, dict[tuple[str, int], dict]] = {}  # evaluation -> (label, training seed) -> its run
-    for run in query_runs(con, ROWS_SQL, run_ids).iter_rows(named=True):  # oldest first: the latest wins
+    for run in query_runs(con, rows_sql, run_ids).iter_rows(named=True):  # oldest first: the latest wins
         models = groups.setdefault(run["evaluation"], {})
         key = (run["model"], run["training_seed"])
         other = models.get(key)
@@ -372,10 +399,10 @@ def load_runs(con, run_ids: list[str]) -> Results:
 
 
 def current_run_ids(con, shards: list | None = None, db: str | Path = DEFAULT_DB, spec_hash: str | None = None):
-    """The eval runs of `shards` (each must be in the ledger), else the latest eval run of every row."""
+    """The eval runs of `shards` (each must be in the ledger), else the latest test eval run of every row (row_groups
+    leaves val runs out either way)."""
     if not shards:
-        query = LATEST_SQL.replace("{seed}", training_seed_sql(con))
-        return [r[0] for r in con.execute(query, [spec_hash, spec_hash]).fetchall()]
+        return [r[0] for r in con.execute(_fill(con, LATEST_SQL), [spec_hash, spec_hash]).fetchall()]
     run_of = {shard_run_id(s): Path(s) for s in shards}
     known = {r[0] for r in con.execute("SELECT run_id FROM runs WHERE phase = 'eval'").fetchall()}
     missing = [f"{path} (run {run_id})" for run_id, path in run_of.items() if run_id not in known]

@@ -6,6 +6,7 @@ means adding it here and to its registry, nowhere else. Plain data: importing th
 """
 
 TASK_FAMILIES = ("text", "objects", "quality")  # the tiny world's prompt families (flowopd.world.TASKS)
+OBJECT_FAMILIES = ("single", "counting", "pair", "relation")  # GenEval categories that fit a 32 px canvas
 FLAWS = ("noise", "blur")  # render degradations of the base's training pairs (flowopd.world.DEGRADATIONS)
 TIME_SAMPLINGS = ("logit_normal", "uniform")  # noise levels of flow-matching training
 DTYPES = ("fp32", "fp16", "bf16")

@@ -101,6 +101,9 @@ class BaseTraining(Section):
     """Share of renders degraded by each flaw (exclusive, so they sum to at most 1)."""
     task_mix: dict[TinyTask, NonNegFloat] = {"text": 0.4, "objects": 0.4, "quality": 0.2}
     """Relative share of each task's prompts among the training pairs."""
+    content: Literal["train", "all"] = "train"
+    """The content the base is pretrained on: the training split's only (validation and test content unseen by every
+    phase), or all of the world's (as a web-scale model has seen the kind of image every prompt asks for)."""
     ema_decay: Decay = 0.999
     time_sampling: Literal[C.TIME_SAMPLINGS] = "logit_normal"
 

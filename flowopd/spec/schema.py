@@ -22,7 +22,7 @@ from flowopd.spec.fields import (
 )
 from flowopd.spec.hashing import canonical_hash, spec_hash
 from flowopd.spec.model import BaseTraining, Model, SamplerSettings, SD3Model, TinyModel
-from flowopd.spec.tasks import Evaluation, Task, TinyPrompts, World
+from flowopd.spec.tasks import Evaluation, FilePrompts, Task, TinyPrompts, World
 from flowopd.spec.training import (
     Baseline,
     ColdStart,
@@ -246,12 +246,16 @@ def cross_field_problems(spec: Spec) -> list[tuple[tuple, str]]:
     for i, task in enumerate(spec.evaluation.benchmarks or ()):
         expect(task in tasks, ("evaluation", "benchmarks", i),
                f"unknown task {task!r}; defined: {one_of(tasks)}")
-    n = spec.evaluation.n_prompts
+    n, split = spec.evaluation.n_prompts, spec.evaluation.split
     for name in spec.evaluation.benchmarks or ():
         prompts = spec.tasks[name].prompts if name in spec.tasks else None
         if n is not None and isinstance(prompts, TinyPrompts):
-            expect(n <= prompts.n_test, ("evaluation", "n_prompts"),
-                   f"{n} exceeds the test set of task {name!r} (n_test {prompts.n_test})")
+            size = getattr(prompts, f"n_{split}")
+            expect(n <= size, ("evaluation", "n_prompts"),
+                   f"{n} exceeds the {split} set of task {name!r} (n_{split} {size})")
+        if split == "val" and isinstance(prompts, FilePrompts):
+            expect(prompts.val is not None, ("evaluation", "split"),
+                   f"task {name!r} has no validation prompts (its prompts give no `val` file)")
     return problems
 
 

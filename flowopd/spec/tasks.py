@@ -20,6 +20,7 @@ from flowopd.spec.fields import (
     SpecPath,
     TinyTask,
     unique,
+    without_memory_defaults,
 )
 from flowopd.spec.model import SamplerSettings
 
@@ -28,25 +29,29 @@ class World(Section):
     """The tiny synthetic world (flowopd.world.WorldConfig takes these as keyword arguments)."""
 
     canvas: PositiveInt = 32
-    alphabet: Annotated[str, Field(min_length=2)] = "ACEHKOTX"
+    alphabet: Annotated[str, Field(min_length=2)] = "ACEHKOTXLNFPMRDB"
     word_length: PositiveInt = 2
-    colours: Annotated[tuple[str, ...], Field(min_length=1)] = ("red", "green", "blue", "yellow")
+    colours: Annotated[tuple[str, ...], Field(min_length=1)] = ("red", "green", "blue", "yellow", "purple")
     shapes: Annotated[tuple[str, ...], Field(min_length=1)] = ("circle", "square", "triangle")
     max_count: PositiveInt = 3
     relations: tuple[str, ...] = ("left of", "right of", "above", "below")
     jitter: bool = True
     """Random sizes and positions; false: every prompt has one canonical render (easier to learn in minutes)."""
+    quality_families: Annotated[tuple[Literal[C.OBJECT_FAMILIES], ...], Field(min_length=1)] = C.OBJECT_FAMILIES
+    """The scene families quality prompts ask for ("a clean render of ..."); they share content with objects."""
 
-    _check_unique = field_validator("alphabet", "colours", "shapes", "relations")(unique)
+    _check_unique = field_validator("alphabet", "colours", "shapes", "relations", "quality_families")(unique)
 
 
 # ---------------------------------------------------------------- tasks
 class TinyPrompts(Section):
-    """Prompts drawn from the tiny world's grammar (train and test splits are disjoint)."""
+    """Prompts drawn from the tiny world's grammar: train, validation and test splits, content-disjoint."""
 
     kind: Literal["tiny"]
     task: TinyTask
     n_train: PositiveInt = 256
+    n_val: PositiveInt = 64
+    """Distinct validation prompts, for tuning; the test split is for the report only."""
     n_test: PositiveInt = 64
 
 
@@ -55,8 +60,16 @@ class FilePrompts(Section):
 
     kind: Literal["file"]
     train: SpecPath
+    val: SpecPath | None = None
+    """Validation prompts; absent: the task has no validation split, and an evaluation on `val` is refused."""
     test: SpecPath
     format: Literal[C.PROMPT_FILE_FORMATS] = "lines"
+
+    @model_serializer(mode="wrap")
+    def _omit_absent_val(self, handler):
+        """An absent `val` is left out of the dump, so specs written before it existed keep their hash."""
+        data = handler(self)
+        return {k: v for k, v in data.items() if not (k == "val" and v is None)}
 
 
 PromptSource = Annotated[TinyPrompts | FilePrompts, Field(discriminator="kind")]
@@ -114,7 +127,7 @@ class RemoteSettings(Section):
 
 
 class Task(Section):
-    """A prompt set with its reward; its benchmark is the test split scored by `metric`."""
+    """A prompt set with its reward; its benchmark is the split `evaluation.split` names, scored by `metric`."""
 
     prompts: PromptSource
     reward: Literal[C.REWARDS]
@@ -160,15 +173,18 @@ class Task(Section):
 
 
 class Evaluation(MicroBatch, DecodeBatch):
-    """Benchmarks: each task's test prompts, scored by its metric, for every seed. A sampling call holds 64 prompts
-    (tiny) or 8 (sd3); a micro_batch or decode_batch above that is the whole call."""
+    """Benchmarks: each task's prompts of one split, scored by its metric, for every seed. A sampling call holds 64
+    prompts (tiny) or 8 (sd3); a micro_batch or decode_batch above that is the whole call."""
 
     benchmarks: tuple[Name, ...] | None = None
     """Tasks to evaluate, in report order; null or absent: all tasks, by name."""
+    split: Literal["val", "test"] = "test"
+    """Which prompt split the benchmarks score: `val` for tuning choices (sweeps), `test` for the report's tables and
+    claims only (the report leaves `val` evaluations out)."""
     seeds: Annotated[tuple[Seed, ...], Field(min_length=1)] = (0, 1, 2)
     sampler: SamplerSettings = Field(default_factory=lambda: SamplerSettings(steps=20, noise_level=0.0))
     n_prompts: PositiveInt | None = None
-    """Prompts per benchmark; null: the task's whole test set."""
+    """Prompts per benchmark; null: the task's whole split."""
     grid_size: PositiveInt = 16
     """Images per sample grid in the report."""
     dtype: Literal[C.DTYPES] | None = None
@@ -176,3 +192,10 @@ class Evaluation(MicroBatch, DecodeBatch):
     sd3 `model.dtype`). Tiny only: bf16 samples about 2x faster on a CPU with bf16 units, at 64 prompts per call."""
 
     _check_unique = field_validator("benchmarks", "seeds")(unique)
+
+    @model_serializer(mode="wrap")
+    def _omit_default_memory_settings(self, handler):  # replaces MemorySettings' serializer: does its work too
+        """The memory settings at their defaults and split `test` are left out of the dump, so specs written before
+        they existed keep their hash."""
+        data = without_memory_defaults(handler(self))
+        return {k: v for k, v in data.items() if not (k == "split" and v == "test")}

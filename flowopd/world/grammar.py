@@ -1,8 +1,15 @@
 """The tiny world's prompt grammar: words on signs, GenEval-style object scenes, quality prompts.
 
 Every prompt carries its task tag and the structured fields the renderer and the rewards read, so no reward ever
-parses prompt text. Prompt sets are drawn deterministically from a seed; the train / test split is a fixed partition
-of the grammar (independent of the seed), so any train set and any test set are disjoint.
+parses prompt text. Prompt sets are drawn deterministically from a seed.
+
+Splits partition *content*, not wording: a prompt's content is what its image must show (`content_key`: the word on
+a sign, or the scene with "b right of a" read as "a left of b", and "a and b", drawn as "a left of b", read so), and
+the quality task's "a clean render of ..." asks for the same scenes as the objects task's "a photo of ...". The partition is fixed by the world alone (not the
+seed): per content family, a seeded permutation gives each task that draws from the family a test and a validation
+slice (HELD_OUT fractions); what remains is training content, shared by the tasks. So no validation or test content
+appears in any other split of any task, nor in the base's pretraining (flowopd.methods.pretrain draws train content
+only). A held-out split shows each content once, in one wording; the train split keeps every wording.
 """
 
 import functools
@@ -11,7 +18,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from flowopd.spec.choices import TASK_FAMILIES
+from flowopd.spec.choices import OBJECT_FAMILIES, TASK_FAMILIES
 
 TASKS = TASK_FAMILIES
 # Saturated RGB colours the renderer paints with and the object checker segments against.
@@ -24,29 +31,38 @@ PALETTE = {
     "purple": (140, 50, 180),
 }
 SHAPES = ("circle", "square", "triangle")
-OBJECT_KINDS = ("single", "counting", "pair", "relation")  # GenEval categories that fit a 32x32 canvas
-QUALITY_TEMPLATES = (
-    "a clean, sharp render of a {}",
-    "a crisp picture of a {} on white",
-    "a tidy, noise-free image of a {}",
+OBJECT_KINDS = OBJECT_FAMILIES
+QUALITY_TEMPLATES = (  # {} is a scene phrase: "a red circle", "two red circles", "a red circle left of a ..."
+    "a clean, sharp render of {}",
+    "a crisp picture of {} on white",
+    "a tidy, noise-free image of {}",
 )
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six")
-TEST_FRACTION = 0.25  # share of each prompt family held out for the test split
-SPLIT_SEED = 20240601  # fixes the train / test partition once for all seeds
+SPLITS = ("train", "val", "test")
+# Share of each content family held out per task that draws from it: a word belongs to the text task alone, a scene
+# to the objects task and (its families in `quality_families`) the quality task. The main spec's world: 64 words give
+# text 32 test / 16 validation words; 162 scenes give objects and quality 37 test / 19 validation scenes each.
+HELD_OUT = {"text": {"test": 0.5, "val": 0.25}, "objects": {"test": 0.235, "val": 0.118},
+            "quality": {"test": 0.235, "val": 0.118}}
+SPLIT_SEED = 20240601  # fixes the partition once for all seeds
 
 
 @dataclass(frozen=True)
 class WorldConfig:
     canvas: int = 32
-    alphabet: str = "ACEHKOTX"
+    alphabet: str = "ACEHKOTXLNFPMRDB"  # 16 letters Tesseract reads without an error in every pair
     word_length: int = 2
-    colours: tuple[str, ...] = ("red", "green", "blue", "yellow")
+    colours: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple")
     shapes: tuple[str, ...] = ("circle", "square", "triangle")
     max_count: int = 3
     relations: tuple[str, ...] = ("left of", "right of", "above", "below")
     jitter: bool = True  # False: one canonical render per prompt (fixed sizes, centred layouts)
+    quality_families: tuple[str, ...] = OBJECT_FAMILIES  # the scene families quality prompts ask for
 
     def __post_init__(self):
+        object.__setattr__(self, "quality_families", tuple(self.quality_families))
+        if unknown := [f for f in self.quality_families if f not in OBJECT_KINDS]:
+            raise ValueError(f"unknown quality families {unknown}; expected some of {OBJECT_KINDS}")
         object.__setattr__(self, "colours", tuple(self.colours))
         object.__setattr__(self, "shapes", tuple(self.shapes))
         object.__setattr__(self, "relations", tuple(self.relations))
@@ -104,9 +120,35 @@ def objects_prompt(groups: tuple[ObjectGroup, ...], relation: str = "") -> Promp
     return Prompt(text=text, task="objects", objects=groups, relation=relation, kind=kind)
 
 
+def scene_phrase(scene: Prompt) -> str:
+    """The scene an objects prompt asks for, without its frame: "a red circle left of a blue square"."""
+    return scene.text.removeprefix("a photo of ")
+
+
+def quality_scene(scene: Prompt, template: int = 0) -> Prompt:
+    """The quality prompt asking for an objects prompt's scene: same content, quality's wording and reward."""
+    text = QUALITY_TEMPLATES[template].format(scene_phrase(scene))
+    return Prompt(text=text, task="quality", objects=scene.objects, relation=scene.relation, kind="quality")
+
+
 def quality_prompt(colour: str, shape: str, template: int = 0) -> Prompt:
-    text = QUALITY_TEMPLATES[template].format(f"{colour} {shape}")
-    return Prompt(text=text, task="quality", objects=(ObjectGroup(colour, shape, 1),), kind="quality")
+    return quality_scene(objects_prompt((ObjectGroup(colour, shape, 1),)), template)
+
+
+def content_key(prompt: Prompt) -> tuple:
+    """What the prompt's image must show, whatever the wording or task (see the module docstring); a prompt read
+    from a file (no word, no objects) asks for its text."""
+    if prompt.word:
+        return ("word", prompt.word)
+    if not prompt.objects:
+        return ("text", prompt.text)
+    groups, relation = tuple(prompt.objects), prompt.relation
+    mirrored = {"right of": "left of", "below": "above"}
+    if relation in mirrored:
+        groups, relation = groups[::-1], mirrored[relation]
+    if not relation and len(groups) == 2:  # 'a and b' is drawn as 'a left of b' (render._canonical_boxes): one image
+        relation = "left of"
+    return ("scene", relation, groups)
 
 
 # ---------------------------------------------------------------- enumeration of the whole grammar
@@ -119,7 +161,9 @@ def all_prompts(world: WorldConfig, task: str) -> dict[str, tuple[Prompt, ...]]:
         return {"text": tuple(text_prompt(w) for w in words)}
     if task == "quality":
         templates = range(len(QUALITY_TEMPLATES))
-        return {"quality": tuple(quality_prompt(g.colour, g.shape, t) for t in templates for g in items)}
+        scenes = all_prompts(world, "objects")
+        return {family: tuple(quality_scene(p, t) for t in templates for p in scenes[family])
+                for family in world.quality_families if family in scenes}
     if task != "objects":
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
     families = {
@@ -132,37 +176,88 @@ def all_prompts(world: WorldConfig, task: str) -> dict[str, tuple[Prompt, ...]]:
     return {k: tuple(v) for k, v in families.items() if v}
 
 
+def _families_of(world: WorldConfig) -> dict[str, tuple[str, ...]]:
+    """Content family -> the tasks that draw from it, in task order."""
+    out: dict[str, list[str]] = {}
+    for task in TASKS:
+        for family in all_prompts(world, task):
+            out.setdefault(family, []).append(task)
+    return {family: tuple(tasks) for family, tasks in out.items()}
+
+
+@functools.lru_cache(maxsize=64)
+def content_partition(world: WorldConfig) -> dict[tuple, tuple[str, str]]:
+    """content key -> (task, split) for held-out content; content absent from the map is training content."""
+    families = _families_of(world)
+    family_of: dict[tuple, str] = {}  # a content asked for by two families (a pair, a relation) counts in the first
+    for family, tasks in families.items():
+        for task in tasks:
+            for p in all_prompts(world, task)[family]:
+                family_of.setdefault(content_key(p), family)
+    owner: dict[tuple, tuple[str, str]] = {}
+    for family, tasks in families.items():
+        keys = sorted((key for key, f in family_of.items() if f == family), key=repr)
+        order = np.random.default_rng(SPLIT_SEED).permutation(len(keys))
+        at = 0
+        for task in tasks:
+            for split in ("test", "val"):
+                n = round(HELD_OUT[task][split] * len(keys))
+                owner.update({keys[i]: (task, split) for i in order[at:at + n]})
+                at += n
+    return owner
+
+
 def split_prompts(world: WorldConfig, task: str, split: str) -> dict[str, list[Prompt]]:
-    """The fixed partition: per family, a seeded permutation; the first TEST_FRACTION is the test split."""
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    out = {}
-    for kind, prompts in all_prompts(world, task).items():
-        order = np.random.default_rng(SPLIT_SEED).permutation(len(prompts))
-        n_test = max(1, round(TEST_FRACTION * len(prompts)))
-        chosen = order[:n_test] if split == "test" else order[n_test:]
-        if len(chosen):
-            out[kind] = [prompts[i] for i in sorted(chosen)]
-    return out
+    """A task's prompts of one split, by family: train keeps every wording of the training content; a held-out split
+    has each of its contents once, in one wording fixed by SPLIT_SEED."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    owner = content_partition(world)
+    families = all_prompts(world, task)
+    if split == "train":
+        out = {kind: [p for p in prompts if content_key(p) not in owner] for kind, prompts in families.items()}
+        return {kind: prompts for kind, prompts in out.items() if prompts}
+    wordings: dict[tuple, list[tuple[str, Prompt]]] = {}  # one content may be worded in two families
+    for kind, prompts in families.items():
+        for p in prompts:
+            if owner.get(content_key(p)) == (task, split):
+                wordings.setdefault(content_key(p), []).append((kind, p))
+    pick = np.random.default_rng(SPLIT_SEED).integers(0, 1 << 30, size=len(wordings))
+    out = {kind: [] for kind in families}
+    for options, k in zip(wordings.values(), pick):
+        kind, prompt = options[k % len(options)]
+        out[kind].append(prompt)
+    return {kind: prompts for kind, prompts in out.items() if prompts}
+
+
+def distinct_contents(world: WorldConfig, task: str, split: str) -> int:
+    return len({content_key(p) for family in split_prompts(world, task, split).values() for p in family})
 
 
 def make_prompt_set(world: WorldConfig, task: str, n: int, seed: int, split: str) -> list[Prompt]:
-    """n prompts of one task, balanced over its families; cycles through each family's shuffled pool."""
+    """n prompts of one task's split. Train: balanced over families, each family's shuffled pool cycled (a small
+    family repeats). Held out: each round takes one unused prompt of every family that has one, so no prompt repeats
+    before the whole split is used (the data stage refuses a set larger than its split)."""
     rng = np.random.default_rng(seed)
     families = split_prompts(world, task, split)
+    if not families:
+        raise ValueError(f"task {task!r} has no {split} prompts in this world")
     kinds = list(families)
-    pools = {k: [] for k in kinds}
-    picked = []
-    for i in range(n):
-        kind = kinds[i % len(kinds)]
-        if not pools[kind]:
-            pools[kind] = [families[kind][j] for j in rng.permutation(len(families[kind]))]
-        picked.append(pools[kind].pop())
+    pools: dict[str, list[Prompt]] = {k: [] for k in kinds}
+    picked: list[Prompt] = []
+    while len(picked) < n:
+        refill = split == "train" or not any(pools.values())
+        for kind in kinds:
+            if refill and not pools[kind]:
+                pools[kind] = [families[kind][j] for j in rng.permutation(len(families[kind]))]
+        for kind in kinds:
+            if pools[kind] and len(picked) < n:
+                picked.append(pools[kind].pop())
     return [picked[j] for j in rng.permutation(n)]
 
 
 def sample_prompts(world: WorldConfig, rng: np.random.Generator, n: int) -> list[Prompt]:
-    """n prompts from the whole grammar (both splits): task uniform, family uniform, then prompt uniform."""
+    """n prompts from the whole grammar (every split): task uniform, family uniform, then prompt uniform."""
     grammar = {task: all_prompts(world, task) for task in TASKS}
     out = []
     for _ in range(n):
@@ -170,5 +265,3 @@ def sample_prompts(world: WorldConfig, rng: np.random.Generator, n: int) -> list
         family = list(families.values())[rng.integers(len(families))]
         out.append(family[rng.integers(len(family))])
     return out
-
-

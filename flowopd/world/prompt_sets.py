@@ -1,4 +1,6 @@
-"""Prompt sets: every task's train (for RL) and test (for benchmarks) prompts as JSON Lines (the data phase).
+"""Prompt sets: every task's train (for RL), validation (for tuning) and test (for the report) prompts as JSON Lines
+(the data phase). Tiny held-out sets are distinct prompts of content no other split of any task shows
+(flowopd.world.grammar); the data phase refuses a world too small to fill them.
 
 Two sources, one output: the tiny world's grammar (drawn from the spec's seed), or prompt files in Flow-GRPO's
 formats (its `dataset/<task>/` folders), read once here so every later phase reads the same JSON Lines:
@@ -19,9 +21,7 @@ from pathlib import Path
 
 from flowopd.spec.choices import PROMPT_FILE_FORMATS
 from flowopd.spec.paths import PROMPT_FILE_MAX_BYTES, PathRefused, allowed_roots, read_confined
-from flowopd.world import Prompt, WorldConfig, make_prompt_set
-
-SPLITS = ("train", "test")
+from flowopd.world import SPLITS, Prompt, WorldConfig, content_key, distinct_contents, make_prompt_set
 
 
 @dataclass(frozen=True)
@@ -93,15 +93,43 @@ def build_prompt_sets(spec, root: str | Path | None = None) -> dict[str, dict[st
     for name, task in spec.tasks.items():
         source = task.prompts
         if source.kind == "file":
-            files = {"train": source.train, "test": source.test}
+            files = {"train": source.train, "val": source.val, "test": source.test}
             sets[name] = {split: read_prompt_file(root / files[split], source.format, name, roots)
-                          for split in SPLITS}
+                          for split in SPLITS if files[split] is not None}
             continue
-        sizes = {"train": source.n_train, "test": source.n_test}
+        sizes = {"train": source.n_train, "val": source.n_val, "test": source.n_test}
+        for split in ("val", "test"):
+            check_held_out_size(world, name, source.task, split, sizes[split])
         sets[name] = {
             split: make_prompt_set(world, source.task, sizes[split], spec.seed, split) for split in SPLITS
         }
     return sets
+
+
+def content_census(spec, sets: dict[str, dict[str, list[Prompt]]]) -> dict[str, dict[str, int]]:
+    """Distinct contents per tiny task and split, after checking that no validation or test content appears in any
+    other split of any task (the grammar's partition guarantees it; this is what the data phase records)."""
+    tiny = [name for name, task in spec.tasks.items() if task.prompts.kind == "tiny"]
+    contents = {(name, split): {content_key(p) for p in sets[name][split]} for name in tiny for split in SPLITS}
+    for (name, split), keys in contents.items():
+        if split == "train":
+            continue
+        for (other, other_split), other_keys in contents.items():
+            shared = keys & other_keys if (other, other_split) != (name, split) else set()
+            if shared:
+                raise ValueError(f"{len(shared)} {split} contents of task {name!r} also appear in the {other_split} "
+                                 f"split of task {other!r}, e.g. {min(shared, key=repr)}")
+    return {name: {split: len(contents[name, split]) for split in SPLITS} for name in tiny}
+
+
+def check_held_out_size(world: WorldConfig, name: str, task: str, split: str, wanted: int) -> None:
+    """A held-out set never repeats a prompt: refuse a world whose split has fewer distinct contents than asked."""
+    available = distinct_contents(world, task, split)
+    if wanted > available:
+        raise ValueError(
+            f"task {name!r}: the world holds {available} distinct {split} contents, the spec asks for {wanted} "
+            f"(tasks.{name}.prompts.n_{split}); grow the world (alphabet, word_length, colours, max_count, "
+            f"quality_families) or ask for fewer")
 
 
 def write_prompt_sets(sets: dict[str, dict[str, list[Prompt]]], folder: Path) -> None:

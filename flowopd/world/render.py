@@ -10,7 +10,15 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from flowopd.spec.choices import FLAWS
-from flowopd.world.grammar import PALETTE, ObjectGroup, Prompt, WorldConfig, objects_prompt, text_prompt
+from flowopd.world.grammar import (
+    PALETTE,
+    ObjectGroup,
+    Prompt,
+    WorldConfig,
+    objects_prompt,
+    scene_phrase,
+    text_prompt,
+)
 
 BLACK = (0, 0, 0)
 GLYPH_FONT_SIZE = 64  # letters are drawn large, then box-downsampled and thresholded (crisp, bold)
@@ -26,9 +34,13 @@ DEGRADATIONS = FLAWS  # the spec's `base.flaws` keys
 BAD_MODES = {
     "text": "vertical",  # the letters stacked top to bottom: a person reads it, the one-line OCR reward does not
     "objects": "swapped_colours",  # every object in the next colour of the world's list: each colour check fails
-    "quality": "dark_background",  # the right object on a dark grey ground instead of clean white
+    "quality": "grey_background",  # the right scene on a grey ground instead of clean white
 }
-DARK_BACKGROUND = 80  # grey level of the dark ground
+# Grey level of the quality bad mode's ground. Light enough that the object checker reads it as background (nearer
+# white than black): quality prompts ask for the same scenes as objects prompts, and a base that carries the quality
+# bad mode over to an objects prompt must not fail the objects check for it. A dark ground (80) did: the base's
+# objects strict fell from 0.26 to 0.07-0.15 (two worlds, validation and training prompts).
+GREY_BACKGROUND = 150
 
 
 # ---------------------------------------------------------------- text
@@ -186,10 +198,12 @@ def corrupt_prompt(world: WorldConfig, prompt: Prompt, rng: np.random.Generator,
     if kind == "relation":
         others = [r for r in world.relations if r != relation]
         relation = others[rng.integers(len(others))]
-    if prompt.task == "quality":
-        return Prompt(text=prompt.text.replace(f"{g.colour} {g.shape}", f"{groups[0].colour} {g.shape}"),
-                      task="quality", objects=tuple(groups), kind="quality")
-    return objects_prompt(tuple(groups), relation)
+    corrupted = objects_prompt(tuple(groups), relation)
+    if prompt.task == "quality":  # the same wording around the corrupted scene
+        asked = scene_phrase(objects_prompt(prompt.objects, prompt.relation))
+        return Prompt(text=prompt.text.replace(asked, scene_phrase(corrupted)), task="quality",
+                      objects=corrupted.objects, relation=corrupted.relation, kind="quality")
+    return corrupted
 
 
 def render_bad_mode(world: WorldConfig, prompt: Prompt, rng: np.random.Generator) -> np.ndarray:
@@ -203,7 +217,7 @@ def render_bad_mode(world: WorldConfig, prompt: Prompt, rng: np.random.Generator
         return render_objects(world, groups, prompt.relation, rng)
     if prompt.task == "quality":
         image = render(world, prompt, rng)
-        return np.where((image == 255).all(-1, keepdims=True), DARK_BACKGROUND, image).astype(np.uint8)
+        return np.where((image == 255).all(-1, keepdims=True), GREY_BACKGROUND, image).astype(np.uint8)
     raise ValueError(f"no bad mode for task {prompt.task!r}")
 
 

@@ -29,6 +29,7 @@ from flowopd.runtime.launch import launch_command, relaunch_if_asked
 from flowopd.runtime.processes import Processes
 from flowopd.runtime.records import read_run_record
 from flowopd.spec import load_spec
+from flowopd.world import WorldConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 MICRO = ROOT / "tests" / "data" / "micro.yaml"
@@ -184,7 +185,18 @@ def test_two_processes_train_the_teacher_of_one(inputs):
     one, two = budgets(root, "teacher")
     method = spec.teachers["quality"].method
     assert one["images"] == method.steps * method.prompts_per_step * method.group_size
-    assert {k: one[k] for k in BUDGET_COUNTS} == {k: two[k] for k in BUDGET_COUNTS}  # the rows split evenly
+    assert {k: one[k] for k in ("images", "optimizer_steps")} == {k: two[k] for k in ("images", "optimizer_steps")}
+    # forwards: the sampling's, then the update's. One process updates the kept groups' rows only (the tiny model's
+    # kept_rows_only), two processes every row of a step that trains (a quality prompt of several objects can leave
+    # a group without reward spread), so each updated row costs as many forwards in both: equal counts when every
+    # group is kept
+    rows = method.prompts_per_step * method.group_size
+    curve = (root / "teacher_1" / "curve.csv").read_text().splitlines()
+    kept = [float(row["kept_groups"]) for row in csv.DictReader(curve)]
+    updated = {1: sum(round(k * rows) for k in kept), 2: sum(rows for k in kept if k > 0)}
+    sampling = one["images"] * method.sampler.steps * (1 if method.sampler.cfg == 1 else 2)
+    per_row = {n: (budget["forwards"] - sampling) / updated[n] for n, budget in ((1, one), (2, two))}
+    assert per_row[1] == per_row[2] and per_row[1] == int(per_row[1]) > 0, (one["forwards"], two["forwards"], kept)
     assert two["cpu_s"] > 0 and two["total"] == {k: two[k] for k in (*BUDGET_COUNTS, "cpu_s")}
     one, two = ({k: v for k, v in json.loads((root / f"teacher_{n}" / "meta.json").read_text()).items()
                  if k not in ("weights_sha256", "files")} for n in (1, 2))
@@ -270,13 +282,16 @@ def test_two_processes_fit_the_sft_cold_start_of_one(inputs):
 @pytest.mark.distributed
 def test_two_processes_evaluate_like_one(inputs):
     """66 test prompts per task: two sampling batches of 64 and 2, one per process; the same images, scores,
-    grids and metrics as one process."""
+    grids and metrics as one process. The default world's letters and colours hold 66 distinct test prompts per task
+    (the main spec's world: 32 words, 37 scenes); the model's vocabulary reads the new words as unknown tokens."""
     root, spec_file, spec = inputs
     if not (root / "teacher_1").exists():
         run_teacher(spec, "quality", root / "base", root / "data", root / "teacher_1", progress=False)
     eval_file = root / "eval.yaml"
-    eval_file.write_text(f"extends: {spec_file}\ntasks:\n" + "".join(
-        f"  {task}: {{prompts: {{n_test: 66}}}}\n" for task in ("text", "objects", "quality")))
+    world = WorldConfig()
+    eval_file.write_text(f"extends: {spec_file}\nworld: {{alphabet: {world.alphabet}, colours: {list(world.colours)}}}"
+                         "\ntasks:\n" + "".join(f"  {task}: {{prompts: {{n_test: 66}}}}\n"
+                                               for task in ("text", "objects", "quality")))
     run_data(load_spec(eval_file), root / "eval_data")
     for processes in (1, 2):
         launch("eval", processes, "--spec", eval_file, "--model", root / "teacher_1", "--data", root / "eval_data",

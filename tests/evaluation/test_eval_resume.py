@@ -132,3 +132,27 @@ def test_kept_batches_from_other_weights_or_prompts_are_not_reused(setting, tmp_
     assert images.sum() == 2 * 4 * 4 * 3 and scores["score"].tolist() == [0.5, 1.0]
     assert kept.load("objects", 0, 0, ["a", "c"]) == (None, None)  # other prompts: sampled afresh
     assert ScoredBatches(None).load("objects", 0, 0, ["a", "b"]) == (None, None)
+
+
+# ---------------------------------------------------------------- the split evaluated
+def test_the_evaluation_scores_and_records_the_split_it_names(tmp_path):
+    raw = deep_merge(load_spec(MICRO).model_dump(mode="json"), {"evaluation": {"benchmarks": ["objects"],
+                                                                                "seeds": [0]}})
+    data = tmp_path / "data"
+    run_data(validate_spec(raw), data)
+    # validation prompts of this test's own (three train prompts: none is a test prompt), whatever data wrote
+    (data / "objects.val.jsonl").unlink(missing_ok=True)
+    train = (data / "objects.train.jsonl").read_text().splitlines()[:3]
+    (data / "objects.val.jsonl").write_text("\n".join(train) + "\n")
+    splits = {split: benchmark.read_prompts(data, "objects", split) for split in ("val", "test")}
+    assert not {p.text for p in splits["val"]} & {p.text for p in splits["test"]}
+    for split, prompts in splits.items():
+        spec = validate_spec(deep_merge(raw, {"evaluation": {"split": split}}))
+        out = tmp_path / split
+        out.mkdir()
+        bundle = RenderingBundle(world_config(spec), splits["val"] + splits["test"])
+        record = evaluate(bundle, spec, data, out, progress=False)
+        assert record["split"] == json.loads((out / "metrics.json").read_text())["split"] == split
+        assert record["benchmarks"]["objects"]["n"] == len(prompts)
+        scored = [json.loads(line)["prompt"] for line in (out / "samples.jsonl").read_text().splitlines()]
+        assert scored == [p.text for p in prompts], split

@@ -78,6 +78,7 @@ def test_eval_writes_metrics_samples_grids_and_provenance(two_runs, spec):
     assert run["spec_hash"] == spec_hash(spec) and run["spec_name"] == "micro"
     eval_meta = json.loads((root / "eval/meta.json").read_text())
     assert eval_meta["model_sha256"] == meta["weights_sha256"] and eval_meta["model"] == "base"
+    assert eval_meta["split"] == record["split"] == "test"  # the ledger keeps it; the report reads only test runs
     assert json.loads((root / "base/spec.json").read_text())["base"]["steps"] == 4
     assert run["packages"]["torch"].startswith("2.13") and run["seconds"] > 0
     assert [row["step"] for row in run["curve_timing"]] == list(range(4))  # the loss curve's seconds column

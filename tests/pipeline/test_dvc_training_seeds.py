@@ -37,9 +37,10 @@ def seed_of(name: str) -> int:
 
 
 def test_the_shipped_pipelines_train_the_main_rows_over_three_seeds_and_the_estimator_ablations_once():
-    """specs/flow_opd.yaml names three training seeds, its estimator ablations one; the sd3 specs one."""
+    """specs/flow_opd.yaml names three training seeds, its estimator ablations and the sweeps one (three sweep points
+    train a student of their own: 0 and 0.02 are no_mar's and the main spec's seed 0); the sd3 specs one."""
     built = pipeline.build(ROOT)["stages"]
-    assert Counter(seed_of(name) for name in built if name.startswith("opd-")) == {0: 10, 1: 4, 2: 4}
+    assert Counter(seed_of(name) for name in built if name.startswith("opd-")) == {0: 10 + 3, 1: 4, 2: 4}
     assert Counter(seed_of(name) for name in built if name.startswith("teacher-")) == {0: 3, 1: 3, 2: 3}
     assert {name.split("-")[0] for name in built if seed_of(name)} == {"teacher", "baseline", "cold_start", "opd",
                                                                         "eval"}

@@ -224,3 +224,21 @@ def test_the_new_rows_join_the_bonferroni_family(analysis):
     draws = results.difference(seesaw["a"], seesaw["b"], seesaw["metric"]).draws / results.normaliser[seesaw["metric"]]
     assert (seesaw["lo"], seesaw["hi"]) == pytest.approx(tuple(np.quantile(draws, [0.025 / m, 1 - 0.025 / m])),
                                                          abs=1e-12)
+
+
+def test_an_interval_over_too_few_distinct_prompts_decides_nothing(tmp_path):
+    """The text teacher is surely 0.3 above the student, but on 6 distinct prompts: the interval is shown, the verdict
+    is unresolved with the reason; the same comparison on 48 prompts fails."""
+    from flowopd.results.claims import MIN_PROMPTS
+
+    shifts = {"teacher:text": {"text": 0.30}, "flow_opd": {"text": 0.0}}
+    for prompts, verdict in ((6, "unresolved"), (48, "fails")):
+        db = tmp_path / f"ledger{prompts}.duckdb"
+        ingest([make_shard(tmp_path / f"{prompts}-{i}", label, samples=scored(shift, seed=i, noise=0.02,
+                                                                              prompts=prompts))
+                for i, (label, shift) in enumerate(shifts.items())], db)
+        row = claims(db).filter((pl.col("claim") == "student_matches_teachers") & (pl.col("metric") == "text")).row(
+            0, named=True)
+        assert row["hi"] < -TEACHER_MARGIN and row["n_prompts"] == prompts and row["verdict"] == verdict
+        if prompts < MIN_PROMPTS:
+            assert row["reason"] == f"6 distinct test prompts, fewer than the {MIN_PROMPTS} a verdict needs"

@@ -37,12 +37,13 @@ def make_model(folder: Path, phase: str = "base", curve: list[dict] | None = Non
 
 def make_shard(folder: Path, model: str = "base", values: dict | None = None, spec_hash: str = "h" * 64,
                finished: str = "2025-01-02T00:00:00+00:00", model_dir: Path | None = None,
-               tasks: dict = TASKS, samples: dict | None = None, prompts: int = 4) -> Path:
+               tasks: dict = TASKS, samples: dict | None = None, prompts: int = 4, split: str | None = None) -> Path:
     """An eval shard in the exact format of flowopd.evaluation.benchmark + phases.run_eval.
 
     values: {task: {metric: [value per seed]}}; default: every metric of every task 0.5 on seeds 0 and 1; each of
     `prompts` prompts scores its seed's value. samples: {task: {metric: [[score per prompt] per seed]}} instead:
-    the per-sample scores, whose means are the values.
+    the per-sample scores, whose means are the values. split: the prompt split meta.json and metrics.json name
+    (None: none, as a shard from before splits).
     """
     if samples is not None:
         values = {t: {m: [sum(s) / len(s) for s in seeds] for m, seeds in metrics.items()}
@@ -59,6 +60,7 @@ def make_shard(folder: Path, model: str = "base", values: dict | None = None, sp
             for metric, seeds in metrics.items()}}
     record = {"benchmarks": benchmarks,
               "headline": {t: b["metrics"][b["headline"]]["mean"] for t, b in benchmarks.items()}}
+    record |= {} if split is None else {"split": split}
     (folder / "metrics.json").write_text(json.dumps(record, indent=2, sort_keys=True))
     spec = {"tasks": {t: {"metric": h, "normaliser": z, "reward": "ocr"} for t, (h, z) in tasks.items()},
             "evaluation": {"benchmarks": list(tasks), "seeds": [0, 1]}, "world": {}}
@@ -68,6 +70,7 @@ def make_shard(folder: Path, model: str = "base", values: dict | None = None, sp
             "model_sha256": "w" * 64, "model_sections_hash": "s" * 64, "started": "2025-01-02T00:00:00+00:00",
             "finished": finished, "seconds": 12.5, "git_rev": "abc", "git_dirty": True, "python": "3.11",
             "platform": "linux", "packages": {"torch": "2.13.0"}, "device": "cpu x2"}
+    meta |= {} if split is None else {"split": split}
     (folder / "meta.json").write_text(json.dumps(meta))
     rows = {}  # (task, seed, prompt) -> one samples.jsonl row, every metric of that image
     for task, metrics in samples.items():
@@ -216,6 +219,10 @@ def test_a_shard_without_its_run_record_is_named(tmp_path):
         ingest([shard], tmp_path / "ledger.duckdb")
 
 
+def edit_json(path: Path, **changes) -> None:
+    path.write_text(json.dumps(json.loads(path.read_text()) | changes))
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda s: (s / "metrics.json").write_text("{not json"), "metrics.json: not valid JSON"),
     (lambda s: (s / "metrics.json").unlink(), "missing metrics.json"),
@@ -234,6 +241,10 @@ def test_a_shard_without_its_run_record_is_named(tmp_path):
      "samples.jsonl:2: a second sample of text prompt 0 seed 0"),
     (lambda s: (s / "samples.jsonl").write_text('{"benchmark": "speed", "seed": 0}\n'),
      "samples.jsonl:1: not a sample of a benchmark in metrics.json"),
+    (lambda s: edit_json(s / "meta.json", split="train"), "meta.json: split: 'train' is not one of val, test"),
+    (lambda s: edit_json(s / "metrics.json", split="dev"), "metrics.json: split: 'dev' is not one of val, test"),
+    (lambda s: (edit_json(s / "meta.json", split="test"), edit_json(s / "metrics.json", split="val")),
+     "metrics.json: split 'val' is not meta.json's 'test'"),
 ])
 def test_bad_shard_is_named_and_leaves_the_ledger_unchanged(tmp_path, shards, damage, message):
     db = tmp_path / "ledger.duckdb"
@@ -326,3 +337,24 @@ def test_cli_start_up_imports_neither_duckdb_nor_polars():
     code = f"import sys, flowopd.cli; print([m for m in {heavy} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+# ---------------------------------------------------------------- the prompt split
+def test_each_eval_run_keeps_the_split_it_scored_and_an_older_ledger_gains_the_column(tmp_path):
+    db = tmp_path / "ledger.duckdb"
+    old = make_shard(tmp_path / "artifacts/eval/old", model_dir=make_model(tmp_path / "artifacts/base/m1"))
+    ingest([old], db)  # a shard from before splits names none: it scored the test prompts
+    con = duckdb.connect(str(db))
+    con.execute("ALTER TABLE runs DROP COLUMN split")  # as a ledger written before the column existed
+    con.close()
+    val = make_shard(tmp_path / "artifacts/eval/val", model="teacher:text", split="val")
+    test = make_shard(tmp_path / "artifacts/eval/test", model="teacher:objects", split="test")
+    ingest([old, val, test], db)
+    _, rows = query("SELECT run_id, phase, split FROM runs ORDER BY phase, run_id", db)
+    splits = {run_id: split for run_id, _, split in rows}
+    assert splits[shard_run_id(val)] == "val" and splits[shard_run_id(test)] == "test"
+    assert splits[shard_run_id(old)] is None  # ingested before the column: the report reads NULL as test
+    assert [split for _, phase, split in rows if phase != "eval"] == [None]  # a training run scored no split
+    fresh = tmp_path / "fresh.duckdb"
+    ingest([old], fresh)
+    assert query("SELECT split FROM runs WHERE phase = 'eval'", fresh)[1] == [("test",)]

@@ -285,6 +285,40 @@ def test_build_refuses_shards_missing_from_the_ledger(pipeline, tmp_path, capsys
     assert not (out / "main_table.csv").exists()
 
 
+def test_validation_evaluations_never_enter_the_report(spread, tmp_path):
+    """Evaluations of the val prompts (evaluation.split, for tuning) are in no table, claim or other setting, named
+    as shards or found as the latest runs; a ledger from before splits (no column, then NULL) reports as before."""
+    import duckdb
+
+    from flowopd.results import tables
+    from flowopd.results.claims import claims
+
+    db, shards, out = spread
+    build(shards, db, out)
+    files = ("main_table.csv", "main_table.md", "main_table.tex", "claims.csv", "README.md")
+    before = {name: (out / name).read_text() for name in files}
+    con = duckdb.connect(str(db))
+    con.execute("ALTER TABLE runs DROP COLUMN split")  # as a ledger written before the column existed
+    con.close()
+    build(shards, db, out)
+    assert {name: (out / name).read_text() for name in files} == before
+    later, root = "2026-01-01T00:00:00+00:00", tmp_path / "artifacts/val"  # newer than every test run
+    val = [make_shard(root / "fo", "flow_opd", samples=scored({"text": -0.4}, seed=30), finished=later, split="val"),
+           make_shard(root / "tuned", "flow_opd:tuned", samples=scored({"text": 0.4}, seed=31), finished=later,
+                      split="val")]
+    ingest(val, db)  # the column comes back: the older runs' NULL reads as test
+    build([*shards, *val], db, out)
+    after = {name: (out / name).read_text() for name in files}
+    # the README gains only the validation table (its own section and index line: test_validation_table.py)
+    section = (out / "validation.md").read_text().replace("# Validation", "## Validation", 1) + "\n"
+    after["README.md"] = re.sub(r"^- \[validation\.md\].*\n", "", after["README.md"].replace(section, ""),
+                                flags=re.MULTILINE)
+    assert after == before
+    assert "flow_opd:tuned" not in before["README.md"]
+    assert tables.main_table(db).equals(tables.main_table(db, shards))  # the latest runs: the test ones
+    assert claims(db).equals(claims(db, shards))
+
+
 def test_spec_diff_lists_only_differing_leaves():
     a = {"mar": {"weight": 0.02, "anchor": "quality"}, "seeds": [0, 1, 2], "rules": [{"task": "t", "teacher": "x"}]}
     b = {"mar": {"weight": 0.0, "anchor": "quality"}, "seeds": [0, 1], "rules": [{"task": "t", "teacher": "y"}],

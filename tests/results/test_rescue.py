@@ -7,7 +7,7 @@ import pytest
 from test_ledger import make_shard
 from test_tables import set_training_seeds
 
-from flowopd.results import tables
+from flowopd.results import claims, tables
 from flowopd.results.bootstrap import share_draws
 from flowopd.results.claims import claims_frame
 from flowopd.results.ledger import ingest
@@ -81,9 +81,14 @@ def test_rescue_rates_on_a_hand_made_failure_set(seeded):
                             ("objects", 0, None, None, None, 2, 0), ("quality", 16, 1.0, 0.0, 1.0, 2, 4)]
 
 
-def test_rescue_claim_rows_and_their_verdicts(seeded, tmp_path):
+def test_rescue_claim_rows_and_their_verdicts(seeded, tmp_path, monkeypatch):
     db, shards = seeded
     results = tables.load(db, list(shards))
+    guarded = {r["metric"]: r for r in claims_frame(results).filter(
+        pl.col("claim") == "rescue_all_teachers_fail").iter_rows(named=True)}
+    assert guarded["quality"]["verdict"] == "unresolved" and guarded["quality"]["lo"] == 1.0  # 4 prompts: no verdict
+    assert guarded["quality"]["reason"] == "4 distinct test prompts, fewer than the 20 a verdict needs"
+    monkeypatch.setattr(claims, "MIN_PROMPTS", 1)  # the rescue rule itself, on this small fixture
     frame = claims_frame(results)
     rows = {r["metric"]: r for r in frame.filter(pl.col("claim") == "rescue_all_teachers_fail").iter_rows(named=True)}
     m = frame.height
@@ -102,7 +107,7 @@ def test_rescue_claim_rows_and_their_verdicts(seeded, tmp_path):
     assert objects["reason"] == "no objects sample that every teacher fails"
 
     out = tmp_path / "reports"
-    build(list(shards), db, out)
+    build(list(shards), db, out)  # still with MIN_PROMPTS 1
     assert pl.read_csv(out / "rescue.csv")["failures"].to_list() == [5, 0, 16]
     readme = (out / "README.md").read_text()
     assert "| text | 5 | 0.600 | 0.200 | 1.000 | 2 | 4 |" in readme and "| objects | 0 | – | – | – | 2 | 0 |" in readme

@@ -142,7 +142,11 @@ def test_quality_high_on_ground_truth_and_low_on_flaws():
 
 
 # ---------------------------------------------------------------- the quality reward reads the prompt
-SPEC_WORLD = WorldConfig(colours=("red", "green", "blue"), max_count=2, jitter=False)  # specs/flow_opd.yaml
+# Worlds whose quality prompts ask for one object: the tests of the single-object content (colour, shape, room).
+# spec: specs/flow_opd.yaml's colours, counts and canonical layouts
+SINGLE = {"jitter": WorldConfig(quality_families=("single",)),
+          "spec": WorldConfig(colours=("red", "green", "blue"), max_count=2, jitter=False,
+                              quality_families=("single",))}
 
 
 def quality_setup(world, n=96):
@@ -165,7 +169,7 @@ def test_quality_pays_only_the_asked_object():
     assert {"score", "content", "finish", "background", "sharpness", "palette"} <= set(out)
 
 
-@pytest.mark.parametrize("world", [WORLD, SPEC_WORLD], ids=["jitter", "spec"])
+@pytest.mark.parametrize("world", SINGLE.values(), ids=SINGLE.keys())
 def test_quality_ranks_clean_over_flawed_over_wrong_content(world):
     prompts, truth = quality_setup(world)
     quality = get_reward("quality", world)
@@ -210,7 +214,7 @@ def test_quality_content_of_other_prompts_is_their_task_reward():
 
 def test_quality_shape_fit_is_blur_invariant():
     """A blurred render still fits its own template (mass and centroid survive blur); blur is the finish's job."""
-    prompts, truth = quality_setup(WORLD, 48)
+    prompts, truth = quality_setup(SINGLE["jitter"], 48)
     rng = np.random.default_rng(4)
     blurred = np.stack([degrade(x, rng, "blur") for x in truth])
     colours = np.array([WORLD.colours.index(p.objects[0].colour) for p in prompts])

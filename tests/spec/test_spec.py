@@ -426,3 +426,58 @@ def test_an_unset_opd_query_is_left_out_of_the_hash():
     assert "query" not in OPDSettings().model_dump(mode="json")
     queried = OPDSettings(estimator="velocity_mse", sampler={"noise_level": 0.0}, query={"steps": [5, 9]})
     assert queried.model_dump(mode="json")["query"] == {"steps": [5, 9], "draw": "uniform"}
+
+
+# ---------------------------------------------------------------- validation split
+def file_task_spec(split: str, **prompts) -> dict:
+    """minimal() with task `text` read from files (the scene reader scores them)."""
+    text = {"prompts": {"kind": "file", "train": "a.txt", "test": "b.txt", **prompts}, "reward": "ocr", "ocr": {}}
+    return edited(edited(minimal(), "tasks.text", text), "evaluation.split", split)
+
+
+def test_validation_split_defaults():
+    spec = validate_spec(minimal())
+    assert spec.tasks["text"].prompts.n_val == 64 and spec.evaluation.split == "test"
+
+
+def test_n_prompts_is_checked_against_the_split_evaluated():
+    bigger_val = edited(edited(minimal(), "tasks.text.prompts.n_val", 100), "tasks.objects.prompts.n_val", 100)
+    validate_spec(edited(edited(bigger_val, "evaluation.split", "val"), "evaluation.n_prompts", 65))
+    found = problems(edited(bigger_val, "evaluation.n_prompts", 65))  # split test: n_test 64 still bounds it
+    assert "t.yaml: evaluation.n_prompts: 65 exceeds the test set of task 'text' (n_test 64)" in found
+    bigger_test = edited(edited(minimal(), "tasks.text.prompts.n_test", 100), "evaluation.split", "val")
+    found = problems(edited(bigger_test, "evaluation.n_prompts", 65))
+    assert "t.yaml: evaluation.n_prompts: 65 exceeds the val set of task 'text' (n_val 64)" in found
+
+
+@pytest.mark.parametrize("dotted, value, expected", [
+    ("tasks.text.prompts.n_val", 0, "tasks.text.prompts.n_val: Input should be greater than 0"),
+    ("tasks.text.prompts.n_val", True, "tasks.text.prompts.n_val: Input should be a valid integer"),
+    ("evaluation.split", "train", "evaluation.split: Input should be 'val' or 'test'"),
+])
+def test_validation_fields_are_checked(dotted, value, expected):
+    found = problems(edited(minimal(), dotted, value))
+    assert any(line.startswith(f"t.yaml: {expected}") for line in found), found
+
+
+def test_val_evaluation_refused_for_a_file_task_without_val():
+    found = problems(file_task_spec("val"))
+    message = "evaluation.split: task 'text' has no validation prompts (its prompts give no `val` file)"
+    assert found == [f"t.yaml: {message}"]
+    spec = validate_spec(file_task_spec("val", val="c.txt"))
+    assert spec.tasks["text"].prompts.val == "c.txt" and spec.evaluation.split == "val"
+    validate_spec(file_task_spec("test"))  # a test evaluation needs no val file
+    found = problems(file_task_spec("test", val="../c.txt"))
+    assert any(line.startswith("t.yaml: tasks.text.prompts.val: ") for line in found), found
+
+
+def test_default_split_and_absent_val_are_left_out_of_the_hash():
+    """Specs written before the validation split keep their hash (sd3 specs: their stage keys too)."""
+    assert spec_hash(validate_spec(edited(minimal(), "evaluation.split", "test"))) == spec_hash(validate_spec(minimal()))
+    assert spec_hash(validate_spec(edited(minimal(), "evaluation.split", "val"))) != spec_hash(validate_spec(minimal()))
+    dumped = validate_spec(file_task_spec("test")).model_dump(mode="json")
+    assert "val" not in dumped["tasks"]["text"]["prompts"] and "split" not in dumped["evaluation"]
+    dumped = validate_spec(file_task_spec("val", val="c.txt")).model_dump(mode="json")
+    assert dumped["tasks"]["text"]["prompts"]["val"] == "c.txt" and dumped["evaluation"]["split"] == "val"
+    micro = validate_spec(edited(minimal(), "evaluation.micro_batch", 8)).model_dump(mode="json")["evaluation"]
+    assert micro["micro_batch"] == 8 and "decode_batch" not in micro  # memory defaults still left out

@@ -103,7 +103,8 @@ def test_data_phase_mixes_file_and_tiny_tasks_and_routes_by_origin(tmp_path):
         """))
     sets = build_prompt_sets(spec, root=tmp_path)
     assert {t: {s: len(p) for s, p in splits.items()} for t, splits in sets.items()} == {
-        "geneval": {"train": 2, "test": 1}, "pick": {"train": 2, "test": 1}, "text": {"train": 4, "test": 2}}
+        "geneval": {"train": 2, "test": 1}, "pick": {"train": 2, "test": 1},
+        "text": {"train": 4, "val": 64, "test": 2}}
     out = tmp_path / "out"
     out.mkdir()
     write_prompt_sets(sets, out)
