@@ -49,8 +49,8 @@ def sample_training_prompts(world: WorldConfig, task_mix: dict[str, float], rng:
     then prompt uniform."""
     tasks = [t for t in TASKS if task_mix.get(t, 0) > 0]
     weights = np.array([task_mix[t] for t in tasks], dtype=float)
-    source = {"train": lambda t: split_prompts(world, t, "train"), "all": lambda t: all_prompts(world, t)}[content]
-    grammar = {t: list(source(t).values()) for t in tasks}
+    grammar = {t: list((split_prompts(world, t, "train") if content == "train" else all_prompts(world, t)).values())
+               for t in tasks}
     prompts = []
     for task in rng.choice(len(tasks), size=n, p=weights / weights.sum()):
         families = grammar[tasks[task]]

@@ -4,12 +4,13 @@ Every prompt carries its task tag and the structured fields the renderer and the
 parses prompt text. Prompt sets are drawn deterministically from a seed.
 
 Splits partition *content*, not wording: a prompt's content is what its image must show (`content_key`: the word on
-a sign, or the scene with "b right of a" read as "a left of b", and "a and b", drawn as "a left of b", read so), and
-the quality task's "a clean render of ..." asks for the same scenes as the objects task's "a photo of ...". The partition is fixed by the world alone (not the
-seed): per content family, a seeded permutation gives each task that draws from the family a test and a validation
-slice (HELD_OUT fractions); what remains is training content, shared by the tasks. So no validation or test content
-appears in any other split of any task, nor in the base's pretraining (flowopd.methods.pretrain draws train content
-only). A held-out split shows each content once, in one wording; the train split keeps every wording.
+a sign, or the scene, with "b right of a" read as "a left of b" and "a and b", drawn as "a left of b", read so), and
+the quality task's "a clean render of ..." asks for the same scenes as the objects task's "a photo of ...". The
+partition is fixed by the world alone (not the seed): per content family, a seeded permutation gives each task that
+draws from the family a test and a validation slice (HELD_OUT fractions); what remains is training content, shared
+by the tasks. So no validation or test content appears in any other split of any task (nor, with `base.content:
+train`, in the base's pretraining: flowopd.methods.pretrain). A held-out split shows each content once, in one
+wording; the train split keeps every wording.
 """
 
 import functools
